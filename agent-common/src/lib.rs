@@ -1,0 +1,180 @@
+//! Types and names shared by the kernel programs (`agent-ebpf`) and the agent.
+//!
+//! Everything here is `#[repr(C)]` and `Copy`: the same bytes are written by
+//! the kernel and read by user space, so layouts are defined once, here.
+#![no_std]
+
+/// Most CPU sockets (physical packages) the kernel side keeps apart.
+///
+/// A CPU whose package id is at or above this is charged to the last slot and
+/// the agent logs a warning; eight covers every x86 server board shipped today.
+pub const MAX_SOCKETS: usize = 8;
+
+/// Size of the read-only CPU → socket table handed to the kernel programs.
+/// Must be a power of two: the programs mask the CPU number with `MAX_CPUS - 1`
+/// so the verifier can prove the index is in bounds.
+pub const MAX_CPUS: usize = 4096;
+
+/// Length of `task_struct.comm` (TASK_COMM_LEN).
+pub const COMM_LEN: usize = 16;
+
+/// `TASK_DEAD` bit of `task_struct.__state` / the `prev_state` argument of
+/// `sched_switch`: the task is doing its last context switch.
+pub const TASK_DEAD: u32 = 0x80;
+
+/// Capacity of the map that keeps the CPU time of exited threads and
+/// processes until the agent has read it.
+pub const EXITED_MAP_CAPACITY: u32 = 65_536;
+
+/// Map and program names, defined once for both sides.
+pub mod names {
+    pub const TASK_RUNTIME: &str = "TASK_RUNTIME";
+    pub const EXITED: &str = "EXITED";
+    pub const CPU_BUSY_NS: &str = "CPU_BUSY_NS";
+    pub const LOSS_COUNTERS: &str = "LOSS_COUNTERS";
+    pub const SCHED_SWITCH: &str = "sched_switch";
+    pub const DUMP_TASKS: &str = "dump_tasks";
+    pub const BASELINE_TASKS: &str = "baseline_tasks";
+    pub const EMPTY_SCHED_SWITCH: &str = "empty_sched_switch";
+    /// Global (`.rodata`) variables the agent sets before loading.
+    pub const GLOBAL_OFFSETS: &str = "OFFSETS";
+    pub const GLOBAL_CPU_TO_SOCKET: &str = "CPU_TO_SOCKET";
+    pub const GLOBAL_AGENT_START_NS: &str = "AGENT_START_NS";
+}
+
+/// Byte offsets inside kernel structures, read from the running kernel's BTF
+/// by the agent and handed to the programs as a read-only global, so the same
+/// object loads on any kernel layout without CO-RE relocations.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `task_struct.se.sum_exec_runtime`: the scheduler's own run time (ns),
+    /// the figure `/proc/<pid>/schedstat` reports.
+    pub task_sum_exec_runtime: u32,
+    pub task_pid: u32,
+    pub task_tgid: u32,
+    /// `task_struct.start_boottime` (ns since boot, CLOCK_BOOTTIME): the
+    /// figure `/proc/<pid>/stat` reports, in clock ticks, as `starttime`.
+    pub task_start_boottime: u32,
+    pub task_group_leader: u32,
+    pub task_comm: u32,
+    /// `task_struct.cgroups` (a `css_set *`).
+    pub task_cgroups: u32,
+    /// `task_struct.cpu` (or `thread_info.cpu` on kernels that keep it there).
+    pub task_cpu: u32,
+    /// `css_set.dfl_cgrp` (the task's cgroup on the v2 hierarchy).
+    pub css_set_dfl_cgrp: u32,
+    /// `cgroup.kn`.
+    pub cgroup_kn: u32,
+    /// `kernfs_node.id`: the cgroup id, also the cgroup directory's inode number.
+    pub kernfs_node_id: u32,
+    pub _reserved: u32,
+}
+
+/// Per-thread state kept in task-local storage by the `sched_switch` program.
+///
+/// Each field has one writer discipline: `claimed_runtime_ns` moves forward by
+/// atomic exchange (switch path) or compare-and-swap (reader), so the switch
+/// path and a concurrent reader claim disjoint intervals of run time; the
+/// per-socket counters are added to atomically and drained by atomic exchange.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TaskRuntime {
+    /// The thread's `sum_exec_runtime` up to which run time has been claimed.
+    pub claimed_runtime_ns: u64,
+    /// Claimed but not yet drained run time, per socket.
+    pub undrained_ns_by_socket: [u64; MAX_SOCKETS],
+}
+
+/// One record written by the task iterator per thread that ran since the last
+/// read (drained run time or an in-progress slice).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskRecord {
+    pub tgid: u32,
+    pub tid: u32,
+    /// Start time of the thread-group leader (ns, CLOCK_BOOTTIME): with `tgid` it
+    /// names a process uniquely, so a reused PID never merges two processes.
+    pub process_start_ns: u64,
+    pub cgroup_id: u64,
+    pub comm: [u8; COMM_LEN],
+    /// Run time of the slice in progress, claimed by this read, on `cpu`.
+    pub in_progress_ns: u64,
+    pub cpu: u32,
+    pub _pad: u32,
+    pub drained_ns_by_socket: [u64; MAX_SOCKETS],
+}
+
+/// Key of the map of exited threads' last run time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ExitedKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub process_start_ns: u64,
+}
+
+/// Run time of a process's exited threads not yet seen by the agent.
+/// Cumulative while the entry lives: the agent reads deltas and deletes the
+/// entry once the process is gone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ExitedValue {
+    pub cgroup_id: u64,
+    pub comm: [u8; COMM_LEN],
+    pub runtime_ns_by_socket: [u64; MAX_SOCKETS],
+}
+
+/// Indexes of the per-CPU loss counters. Every place the kernel side can drop
+/// data increments one of these; the agent exports them.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossCounter {
+    /// `bpf_task_storage_get` could not create the per-thread entry.
+    TaskStorageFull = 0,
+    /// Run time (ns) of slices dropped because of `TaskStorageFull`.
+    TaskStorageFullNs = 1,
+    /// An exited thread's run time did not fit in the exited map.
+    ExitedMapFull = 2,
+    /// Run time (ns) dropped because of `ExitedMapFull`.
+    ExitedMapFullNs = 3,
+    /// Reading a kernel field failed.
+    KernelReadFailed = 4,
+    /// A CPU whose socket is at or past `MAX_SOCKETS` ran a slice (not a
+    /// loss of time: it is charged to the last socket slot).
+    SocketOverflow = 5,
+}
+
+impl LossCounter {
+    pub const COUNT: u32 = 6;
+    pub const ALL: [LossCounter; Self::COUNT as usize] = [
+        LossCounter::TaskStorageFull,
+        LossCounter::TaskStorageFullNs,
+        LossCounter::ExitedMapFull,
+        LossCounter::ExitedMapFullNs,
+        LossCounter::KernelReadFailed,
+        LossCounter::SocketOverflow,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            LossCounter::TaskStorageFull => "task_storage_full",
+            LossCounter::TaskStorageFullNs => "task_storage_full_ns",
+            LossCounter::ExitedMapFull => "exited_map_full",
+            LossCounter::ExitedMapFullNs => "exited_map_full_ns",
+            LossCounter::KernelReadFailed => "kernel_read_failed",
+            LossCounter::SocketOverflow => "socket_overflow",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are `#[repr(C)]`, `Copy`, made of integers only,
+    // with explicit padding fields, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::TaskRuntime {}
+    unsafe impl aya::Pod for super::TaskRecord {}
+    unsafe impl aya::Pod for super::ExitedKey {}
+    unsafe impl aya::Pod for super::ExitedValue {}
+}

@@ -1,0 +1,449 @@
+//! Cumulative CPU time per process, per workload and per CPU, built from the
+//! deltas of each [`CpuReading`]. Pure: the cgroup lookups it needs come in
+//! as closures, so the bookkeeping is tested without a kernel.
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use crate::{
+    cgroup::Workload,
+    cpu::{Comm, CpuReading, ProcessKey, SocketNs, total_ns},
+};
+
+/// How a cgroup id resolves: its workload and path (`None` when the cgroup
+/// vanished before it could be looked up).
+pub struct Resolved {
+    pub workload: Arc<Workload>,
+    pub path: Option<String>,
+}
+
+/// A stable key for a workload: `container:<id>`, `pod:<uid>`,
+/// `service:<unit>` or `host`.
+pub fn workload_key(workload: &Workload) -> String {
+    match workload {
+        Workload::Host => "host".to_owned(),
+        other => format!("{}:{}", other.kind(), other.name()),
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ProcessEntry {
+    pub comm: Comm,
+    pub cgroup_id: u64,
+    pub workload_key: Arc<str>,
+    pub cpu_ns_by_socket: SocketNs,
+    /// CPU time in the interval numbered `interval_seq`.
+    pub interval_ns: u64,
+    pub interval_seq: u64,
+    pub first_seen: SystemTime,
+    pub last_seen: SystemTime,
+    pub exited_at: Option<SystemTime>,
+}
+
+#[derive(Clone, Debug)]
+pub struct WorkloadEntry {
+    pub workload: Arc<Workload>,
+    pub cgroup_path: Option<String>,
+    pub cgroup_ids: Vec<u64>,
+    pub cpu_ns_by_socket: SocketNs,
+    pub interval_ns: u64,
+    pub interval_seq: u64,
+    pub first_seen: SystemTime,
+    pub last_seen: SystemTime,
+    pub exited_at: Option<SystemTime>,
+    pub live_processes: u32,
+    last_existence_check: Option<SystemTime>,
+}
+
+/// Per-CPU time, cumulative since the agent started.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NodeCpu {
+    pub busy_ns_by_cpu: Vec<u64>,
+    pub idle_ns_by_cpu: Vec<u64>,
+    /// Busy time of the last interval, summed over CPUs.
+    pub interval_busy_ns: u64,
+    /// Wall time of the last interval times the number of CPUs.
+    pub interval_capacity_ns: u64,
+}
+
+pub struct Accounting {
+    processes: HashMap<ProcessKey, ProcessEntry>,
+    workloads: HashMap<Arc<str>, WorkloadEntry>,
+    node: NodeCpu,
+    retention: Duration,
+    /// How often a workload without live processes is checked for its
+    /// cgroup still existing.
+    existence_check_every: Duration,
+    seq: u64,
+}
+
+impl Accounting {
+    pub fn new(retention: Duration) -> Self {
+        Self {
+            processes: HashMap::new(),
+            workloads: HashMap::new(),
+            node: NodeCpu::default(),
+            retention,
+            existence_check_every: Duration::from_secs(5),
+            seq: 0,
+        }
+    }
+
+    /// The number of the interval last applied.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    pub fn processes(&self) -> &HashMap<ProcessKey, ProcessEntry> {
+        &self.processes
+    }
+
+    pub fn workloads(&self) -> &HashMap<Arc<str>, WorkloadEntry> {
+        &self.workloads
+    }
+
+    pub fn node(&self) -> &NodeCpu {
+        &self.node
+    }
+
+    /// Applies one reading that covers `wall` of time on `cpus` online CPUs.
+    pub fn apply(
+        &mut self,
+        reading: &CpuReading,
+        now: SystemTime,
+        wall: Duration,
+        online_cpus: &[u32],
+        resolve: &mut dyn FnMut(u64) -> Resolved,
+    ) {
+        self.seq += 1;
+        let seq = self.seq;
+        let mut workload_keys: HashMap<u64, (Arc<str>, Arc<Workload>, Option<String>)> =
+            HashMap::new();
+        for usage in &reading.usage {
+            let (key, workload, path) = workload_keys
+                .entry(usage.cgroup_id)
+                .or_insert_with(|| {
+                    let resolved = resolve(usage.cgroup_id);
+                    (
+                        Arc::from(workload_key(&resolved.workload)),
+                        resolved.workload,
+                        resolved.path,
+                    )
+                })
+                .clone();
+            let delta = total_ns(&usage.runtime_ns_by_socket);
+
+            let workload_entry =
+                self.workloads
+                    .entry(Arc::clone(&key))
+                    .or_insert_with(|| WorkloadEntry {
+                        workload,
+                        cgroup_path: None,
+                        cgroup_ids: Vec::new(),
+                        cpu_ns_by_socket: [0; agent_common::MAX_SOCKETS],
+                        interval_ns: 0,
+                        interval_seq: 0,
+                        first_seen: now,
+                        last_seen: now,
+                        exited_at: None,
+                        live_processes: 0,
+                        last_existence_check: None,
+                    });
+            add_socket_ns(
+                &mut workload_entry.cpu_ns_by_socket,
+                &usage.runtime_ns_by_socket,
+            );
+            if workload_entry.interval_seq != seq {
+                workload_entry.interval_seq = seq;
+                workload_entry.interval_ns = 0;
+            }
+            workload_entry.interval_ns += delta;
+            workload_entry.last_seen = now;
+            // A workload that runs again (a restarted unit, a reused cgroup
+            // name) is alive again.
+            workload_entry.exited_at = None;
+            if path.is_some() {
+                workload_entry.cgroup_path = path;
+            }
+            if !workload_entry.cgroup_ids.contains(&usage.cgroup_id) {
+                workload_entry.cgroup_ids.push(usage.cgroup_id);
+            }
+
+            let process = self.processes.entry(usage.key).or_insert_with(|| {
+                if let Some(w) = self.workloads.get_mut(&key) {
+                    w.live_processes += 1;
+                }
+                ProcessEntry {
+                    comm: usage.comm,
+                    cgroup_id: usage.cgroup_id,
+                    workload_key: Arc::clone(&key),
+                    cpu_ns_by_socket: [0; agent_common::MAX_SOCKETS],
+                    interval_ns: 0,
+                    interval_seq: 0,
+                    first_seen: now,
+                    last_seen: now,
+                    exited_at: None,
+                }
+            });
+            if process.workload_key != key {
+                // Moved to another cgroup: the live count follows it.
+                if process.exited_at.is_none() {
+                    if let Some(old) = self.workloads.get_mut(&process.workload_key) {
+                        old.live_processes = old.live_processes.saturating_sub(1);
+                    }
+                    if let Some(new) = self.workloads.get_mut(&key) {
+                        new.live_processes += 1;
+                    }
+                }
+                process.workload_key = Arc::clone(&key);
+            }
+            add_socket_ns(&mut process.cpu_ns_by_socket, &usage.runtime_ns_by_socket);
+            if process.interval_seq != seq {
+                process.interval_seq = seq;
+                process.interval_ns = 0;
+            }
+            process.interval_ns += delta;
+            process.cgroup_id = usage.cgroup_id;
+            if usage.comm != Comm::default() {
+                process.comm = usage.comm;
+            }
+            process.last_seen = now;
+        }
+
+        for key in &reading.exited {
+            if let Some(process) = self.processes.get_mut(key)
+                && process.exited_at.is_none()
+            {
+                process.exited_at = Some(now);
+                if let Some(w) = self.workloads.get_mut(&process.workload_key) {
+                    w.live_processes = w.live_processes.saturating_sub(1);
+                }
+            }
+        }
+
+        self.apply_node(&reading.busy_ns_by_cpu, wall, online_cpus);
+    }
+
+    fn apply_node(&mut self, busy_ns_by_cpu: &[u64], wall: Duration, online_cpus: &[u32]) {
+        let cpus = busy_ns_by_cpu.len().max(
+            online_cpus
+                .iter()
+                .map(|c| *c as usize + 1)
+                .max()
+                .unwrap_or(0),
+        );
+        self.node.busy_ns_by_cpu.resize(cpus, 0);
+        self.node.idle_ns_by_cpu.resize(cpus, 0);
+        let wall_ns = wall.as_nanos() as u64;
+        let mut interval_busy = 0;
+        for &cpu in online_cpus {
+            let cpu = cpu as usize;
+            // Busy can exceed wall by a tick's worth of skew between the
+            // programs' clock and ours; clamp so idle never goes negative.
+            let busy = busy_ns_by_cpu.get(cpu).copied().unwrap_or(0).min(wall_ns);
+            self.node.busy_ns_by_cpu[cpu] += busy;
+            self.node.idle_ns_by_cpu[cpu] += wall_ns - busy;
+            interval_busy += busy;
+        }
+        self.node.interval_busy_ns = interval_busy;
+        self.node.interval_capacity_ns = wall_ns * online_cpus.len() as u64;
+    }
+
+    /// Marks workloads whose cgroups are gone and that have no live process
+    /// as exited, and forgets what exited longer than the retention ago.
+    pub fn retire(&mut self, now: SystemTime, cgroup_exists: &mut dyn FnMut(u64) -> bool) {
+        for entry in self.workloads.values_mut() {
+            if entry.exited_at.is_some()
+                || entry.live_processes > 0
+                || matches!(*entry.workload, Workload::Host)
+            {
+                continue;
+            }
+            let due = entry.last_existence_check.is_none_or(|at| {
+                now.duration_since(at).unwrap_or_default() >= self.existence_check_every
+            });
+            if !due {
+                continue;
+            }
+            entry.last_existence_check = Some(now);
+            if !entry.cgroup_ids.iter().any(|id| cgroup_exists(*id)) {
+                entry.exited_at = Some(now);
+            }
+        }
+        let retention = self.retention;
+        let expired = |exited_at: Option<SystemTime>| {
+            exited_at.is_some_and(|at| now.duration_since(at).unwrap_or_default() > retention)
+        };
+        self.processes.retain(|_, p| !expired(p.exited_at));
+        self.workloads.retain(|_, w| !expired(w.exited_at));
+    }
+}
+
+fn add_socket_ns(sum: &mut SocketNs, add: &SocketNs) {
+    for (s, a) in sum.iter_mut().zip(add) {
+        *s += a;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use agent_common::MAX_SOCKETS;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::cpu::ProcessUsage;
+
+    const CONTAINER: &str = "0000000000000000000000000000000000000000000000000000000000000001";
+
+    fn usage(pid: u32, cgroup_id: u64, ns: u64) -> ProcessUsage {
+        let mut runtime_ns_by_socket = [0; MAX_SOCKETS];
+        runtime_ns_by_socket[0] = ns;
+        ProcessUsage {
+            key: ProcessKey { pid, start_ns: 1 },
+            comm: Comm::from_str_lossy("burn"),
+            cgroup_id,
+            runtime_ns_by_socket,
+        }
+    }
+
+    fn resolver(id: u64) -> Resolved {
+        let path = match id {
+            1 => format!("/system.slice/docker-{CONTAINER}.scope"),
+            2 => "/system.slice/sshd.service".to_owned(),
+            _ => "/".to_owned(),
+        };
+        Resolved {
+            workload: Arc::new(crate::cgroup::parse_cgroup_path(&path)),
+            path: Some(path),
+        }
+    }
+
+    fn at(seconds: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + seconds)
+    }
+
+    #[test]
+    fn sums_processes_into_workloads_and_keeps_per_interval_figures() {
+        let mut accounting = Accounting::new(Duration::from_secs(900));
+        let reading = CpuReading {
+            usage: vec![usage(10, 1, 300), usage(11, 1, 100), usage(12, 2, 50)],
+            ..Default::default()
+        };
+        accounting.apply(&reading, at(1), Duration::from_secs(1), &[0], &mut resolver);
+        let second = CpuReading {
+            usage: vec![usage(10, 1, 200)],
+            ..Default::default()
+        };
+        accounting.apply(&second, at(2), Duration::from_secs(1), &[0], &mut resolver);
+
+        let container =
+            &accounting.workloads()[&Arc::<str>::from(format!("container:{CONTAINER}"))];
+        assert_eq!(total_ns(&container.cpu_ns_by_socket), 600);
+        assert_eq!(container.interval_ns, 200);
+        assert_eq!(container.interval_seq, 2);
+        assert_eq!(container.live_processes, 2);
+        let process = &accounting.processes()[&ProcessKey {
+            pid: 11,
+            start_ns: 1,
+        }];
+        assert_eq!(total_ns(&process.cpu_ns_by_socket), 100);
+        assert_eq!(process.interval_seq, 1, "did not run in interval 2");
+    }
+
+    #[test]
+    fn exited_processes_and_containers_are_kept_for_the_retention_then_dropped() {
+        let mut accounting = Accounting::new(Duration::from_secs(60));
+        let reading = CpuReading {
+            usage: vec![usage(10, 1, 300)],
+            ..Default::default()
+        };
+        accounting.apply(&reading, at(0), Duration::from_secs(1), &[0], &mut resolver);
+        let exit = CpuReading {
+            exited: vec![ProcessKey {
+                pid: 10,
+                start_ns: 1,
+            }],
+            ..Default::default()
+        };
+        accounting.apply(&exit, at(1), Duration::from_secs(1), &[0], &mut resolver);
+        accounting.retire(at(1), &mut |_| false);
+        let key = Arc::<str>::from(format!("container:{CONTAINER}"));
+        assert_eq!(accounting.workloads()[&key].exited_at, Some(at(1)));
+        assert_eq!(accounting.processes().len(), 1);
+
+        accounting.retire(at(30), &mut |_| false);
+        assert!(accounting.workloads().contains_key(&key));
+        accounting.retire(at(62), &mut |_| false);
+        assert!(!accounting.workloads().contains_key(&key));
+        assert!(accounting.processes().is_empty());
+    }
+
+    #[test]
+    fn a_container_whose_cgroup_remains_is_not_exited() {
+        let mut accounting = Accounting::new(Duration::from_secs(60));
+        let reading = CpuReading {
+            usage: vec![usage(10, 1, 300)],
+            exited: vec![ProcessKey {
+                pid: 10,
+                start_ns: 1,
+            }],
+            ..Default::default()
+        };
+        accounting.apply(&reading, at(0), Duration::from_secs(1), &[0], &mut resolver);
+        accounting.retire(at(1), &mut |_| true);
+        let key = Arc::<str>::from(format!("container:{CONTAINER}"));
+        assert_eq!(accounting.workloads()[&key].exited_at, None);
+    }
+
+    #[test]
+    fn node_idle_is_wall_minus_busy_per_cpu() {
+        let mut accounting = Accounting::new(Duration::from_secs(60));
+        let reading = CpuReading {
+            busy_ns_by_cpu: vec![250_000_000, 1_200_000_000],
+            ..Default::default()
+        };
+        accounting.apply(
+            &reading,
+            at(0),
+            Duration::from_secs(1),
+            &[0, 1],
+            &mut resolver,
+        );
+        assert_eq!(
+            accounting.node().busy_ns_by_cpu,
+            vec![250_000_000, 1_000_000_000]
+        );
+        assert_eq!(accounting.node().idle_ns_by_cpu, vec![750_000_000, 0]);
+        assert_eq!(accounting.node().interval_capacity_ns, 2_000_000_000);
+    }
+
+    proptest! {
+        /// Whatever the readings, the workloads' time adds up to the
+        /// processes' time, and both to what the readings reported.
+        #[test]
+        fn workloads_add_up_to_processes(
+            readings in proptest::collection::vec(
+                proptest::collection::vec((0u32..20, 0u64..4, 0u64..1_000_000), 0..30),
+                1..10,
+            )
+        ) {
+            let mut accounting = Accounting::new(Duration::from_secs(3600));
+            let mut reported = 0u64;
+            for (i, reading) in readings.iter().enumerate() {
+                let reading = CpuReading {
+                    usage: reading.iter().map(|(pid, cgroup, ns)| usage(*pid, *cgroup, *ns)).collect(),
+                    ..Default::default()
+                };
+                reported += reading.usage.iter().map(|u| total_ns(&u.runtime_ns_by_socket)).sum::<u64>();
+                accounting.apply(&reading, at(i as u64), Duration::from_secs(1), &[0], &mut resolver);
+            }
+            let processes: u64 = accounting.processes().values().map(|p| total_ns(&p.cpu_ns_by_socket)).sum();
+            let workloads: u64 = accounting.workloads().values().map(|w| total_ns(&w.cpu_ns_by_socket)).sum();
+            prop_assert_eq!(processes, reported);
+            prop_assert_eq!(workloads, reported);
+        }
+    }
+}

@@ -1,0 +1,384 @@
+//! The local query API (JSON over HTTP), served from the latest snapshot.
+//!
+//! Every handler reads one `Arc<Snapshot>` and never waits on the collector.
+
+use std::{collections::HashMap, net::SocketAddr, time::SystemTime};
+
+use axum::{
+    Json, Router,
+    extract::{Path, Query, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    cgroup::Workload,
+    snapshot::{ProcessView, SharedSnapshot, Snapshot, WorkloadView, seconds, total_seconds},
+};
+
+pub fn router(snapshot: SharedSnapshot) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/api/v1/containers", get(list_containers))
+        .route("/api/v1/containers/{id}", get(get_container))
+        .route("/api/v1/processes", get(list_processes))
+        .route("/api/v1/workloads", get(list_workloads))
+        .route("/api/v1/node", get(node))
+        .fallback(not_found)
+        .with_state(snapshot)
+}
+
+/// Serves the API on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    snapshot: SharedSnapshot,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(snapshot))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+pub fn local_addr(listener: &tokio::net::TcpListener) -> Option<SocketAddr> {
+    listener.local_addr().ok()
+}
+
+/// A JSON error: `{"error": "...", "status": 404}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+        }
+    }
+
+    fn not_found(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": self.message, "status": self.status.as_u16() });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found(
+        "no such endpoint; see /api/v1/containers, /api/v1/processes, /api/v1/workloads, /api/v1/node, /healthz",
+    )
+}
+
+fn timestamp(at: SystemTime) -> String {
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+/// Container ids are hex for every runtime we know; accept the characters
+/// any runtime could use, reject anything else as malformed.
+fn validate_container_id(id: &str) -> Result<(), ApiError> {
+    let valid = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "malformed container id {id:?}: expected 1 to 128 characters of [A-Za-z0-9._-]"
+        )))
+    }
+}
+
+fn check_params(params: &HashMap<String, String>, allowed: &[&str]) -> Result<(), ApiError> {
+    for name in params.keys() {
+        if !allowed.contains(&name.as_str()) {
+            return Err(ApiError::bad_request(format!(
+                "unknown query parameter {name:?}; allowed: {}",
+                allowed.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn parse_limit(params: &HashMap<String, String>) -> Result<Option<usize>, ApiError> {
+    match params.get("limit") {
+        None => Ok(None),
+        Some(raw) => match raw.parse::<usize>() {
+            Ok(limit) if limit > 0 => Ok(Some(limit)),
+            _ => Err(ApiError::bad_request(format!(
+                "malformed limit {raw:?}: expected a positive integer"
+            ))),
+        },
+    }
+}
+
+#[derive(Serialize)]
+struct ContainerJson<'a> {
+    container_id: &'a str,
+    runtime: &'static str,
+    pod_uid: Option<&'a str>,
+    pod_qos: Option<&'static str>,
+    cgroup_path: Option<&'a str>,
+    cpu_seconds: f64,
+    cpu_seconds_by_socket: Vec<f64>,
+    /// CPUs used in the last interval (1.0 = one CPU busy all the time).
+    cpu_cores: f64,
+    method: &'static str,
+    first_seen: String,
+    last_seen: String,
+    exited: bool,
+    exited_at: Option<String>,
+    live_processes: u32,
+}
+
+fn sockets(snapshot: &Snapshot) -> usize {
+    snapshot.sockets.clamp(1, agent_common::MAX_SOCKETS)
+}
+
+/// Seconds on each of the machine's sockets.
+fn socket_seconds(by_socket: &crate::cpu::SocketNs, sockets: usize) -> Vec<f64> {
+    by_socket[..sockets].iter().map(|ns| seconds(*ns)).collect()
+}
+
+fn container_json<'a>(snapshot: &Snapshot, view: &'a WorkloadView) -> Option<ContainerJson<'a>> {
+    let Workload::Container { id, runtime, pod } = &*view.workload else {
+        return None;
+    };
+    Some(ContainerJson {
+        container_id: id,
+        runtime: runtime.as_str(),
+        pod_uid: pod.as_ref().map(|p| p.uid.as_str()),
+        pod_qos: pod.as_ref().map(|p| p.qos.as_str()),
+        cgroup_path: view.cgroup_path.as_deref(),
+        cpu_seconds: total_seconds(&view.cpu_ns_by_socket),
+        cpu_seconds_by_socket: socket_seconds(&view.cpu_ns_by_socket, sockets(snapshot)),
+        cpu_cores: cores(view.interval_ns, snapshot),
+        method: snapshot.method.as_str(),
+        first_seen: timestamp(view.first_seen),
+        last_seen: timestamp(view.last_seen),
+        exited: view.exited_at.is_some(),
+        exited_at: view.exited_at.map(timestamp),
+        live_processes: view.live_processes,
+    })
+}
+
+fn cores(interval_ns: u64, snapshot: &Snapshot) -> f64 {
+    let wall = snapshot.interval.as_nanos() as f64;
+    if wall > 0.0 {
+        interval_ns as f64 / wall
+    } else {
+        0.0
+    }
+}
+
+async fn healthz(State(shared): State<SharedSnapshot>) -> Json<Value> {
+    let snapshot = shared.latest();
+    let losses: serde_json::Map<String, Value> = snapshot
+        .losses
+        .iter()
+        .map(|(name, count)| ((*name).to_owned(), json!(count)))
+        .collect();
+    Json(json!({
+        "status": "ok",
+        "method": snapshot.method.as_str(),
+        "sequence": snapshot.sequence,
+        "generated_at": timestamp(snapshot.generated_at),
+        "started_at": timestamp(snapshot.started_at),
+        "interval_seconds": snapshot.interval.as_secs_f64(),
+        "sources": snapshot.sources,
+        "losses": losses,
+        "read_errors": snapshot.read_errors,
+    }))
+}
+
+async fn list_containers(
+    State(shared): State<SharedSnapshot>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    check_params(&params, &["limit"])?;
+    let limit = parse_limit(&params)?.unwrap_or(usize::MAX);
+    let snapshot = shared.latest();
+    let list: Vec<ContainerJson<'_>> = snapshot
+        .containers()
+        .filter_map(|view| container_json(&snapshot, view))
+        .take(limit)
+        .collect();
+    Ok(Json(json!(list)))
+}
+
+async fn get_container(
+    State(shared): State<SharedSnapshot>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    validate_container_id(&id)?;
+    let snapshot = shared.latest();
+    let view = snapshot.container(&id).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no container {id:?} seen on this node (exited ones are kept for the retention period)"
+        ))
+    })?;
+    Ok(Json(json!(container_json(&snapshot, view))))
+}
+
+#[derive(Serialize)]
+struct ProcessJson<'a> {
+    pid: u32,
+    comm: String,
+    container_id: Option<&'a str>,
+    pod_uid: Option<&'a str>,
+    workload: &'a str,
+    cgroup_path: Option<&'a str>,
+    cpu_seconds: f64,
+    cpu_seconds_by_socket: Vec<f64>,
+    cpu_cores: f64,
+    method: &'static str,
+    first_seen: String,
+    last_seen: String,
+    exited: bool,
+}
+
+fn process_json<'a>(snapshot: &'a Snapshot, process: &ProcessView) -> ProcessJson<'a> {
+    let workload = snapshot.workloads.get(process.workload);
+    let container_id = workload.and_then(|w| match &*w.workload {
+        Workload::Container { id, .. } => Some(id.as_str()),
+        _ => None,
+    });
+    ProcessJson {
+        pid: process.key.pid,
+        comm: process.comm.as_str().into_owned(),
+        container_id,
+        pod_uid: workload
+            .and_then(|w| w.workload.pod())
+            .map(|p| p.uid.as_str()),
+        workload: workload.map_or("host", |w| &*w.key),
+        cgroup_path: workload.and_then(|w| w.cgroup_path.as_deref()),
+        cpu_seconds: total_seconds(&process.cpu_ns_by_socket),
+        cpu_seconds_by_socket: socket_seconds(&process.cpu_ns_by_socket, sockets(snapshot)),
+        cpu_cores: cores(process.interval_ns, snapshot),
+        method: snapshot.method.as_str(),
+        first_seen: timestamp(process.first_seen),
+        last_seen: timestamp(process.last_seen),
+        exited: process.exited,
+    }
+}
+
+async fn list_processes(
+    State(shared): State<SharedSnapshot>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    check_params(&params, &["container", "limit"])?;
+    let limit = parse_limit(&params)?.unwrap_or(usize::MAX);
+    let snapshot = shared.latest();
+    let workload_filter = match params.get("container") {
+        None => None,
+        Some(id) => {
+            validate_container_id(id)?;
+            let view = snapshot.container(id).ok_or_else(|| {
+                ApiError::not_found(format!("no container {id:?} seen on this node"))
+            })?;
+            snapshot
+                .workloads
+                .iter()
+                .position(|w| std::ptr::eq(w, view))
+        }
+    };
+    let list: Vec<ProcessJson<'_>> = snapshot
+        .processes
+        .iter()
+        .filter(|p| workload_filter.is_none_or(|index| p.workload == index))
+        .take(limit)
+        .map(|p| process_json(&snapshot, p))
+        .collect();
+    Ok(Json(json!(list)))
+}
+
+#[derive(Serialize)]
+struct WorkloadJson<'a> {
+    workload: &'a str,
+    kind: &'static str,
+    name: String,
+    pod_uid: Option<&'a str>,
+    cgroup_path: Option<&'a str>,
+    cpu_seconds: f64,
+    cpu_cores: f64,
+    method: &'static str,
+    first_seen: String,
+    last_seen: String,
+    exited: bool,
+    live_processes: u32,
+}
+
+async fn list_workloads(
+    State(shared): State<SharedSnapshot>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    check_params(&params, &["limit"])?;
+    let limit = parse_limit(&params)?.unwrap_or(usize::MAX);
+    let snapshot = shared.latest();
+    let list: Vec<WorkloadJson<'_>> = snapshot
+        .workloads
+        .iter()
+        .take(limit)
+        .map(|w| WorkloadJson {
+            workload: &w.key,
+            kind: w.workload.kind(),
+            name: w.workload.name(),
+            pod_uid: w.workload.pod().map(|p| p.uid.as_str()),
+            cgroup_path: w.cgroup_path.as_deref(),
+            cpu_seconds: total_seconds(&w.cpu_ns_by_socket),
+            cpu_cores: cores(w.interval_ns, &snapshot),
+            method: snapshot.method.as_str(),
+            first_seen: timestamp(w.first_seen),
+            last_seen: timestamp(w.last_seen),
+            exited: w.exited_at.is_some(),
+            live_processes: w.live_processes,
+        })
+        .collect();
+    Ok(Json(json!(list)))
+}
+
+async fn node(State(shared): State<SharedSnapshot>) -> Json<Value> {
+    let snapshot = shared.latest();
+    let busy: Vec<f64> = snapshot
+        .node
+        .busy_ns_by_cpu
+        .iter()
+        .map(|ns| seconds(*ns))
+        .collect();
+    let idle: Vec<f64> = snapshot
+        .node
+        .idle_ns_by_cpu
+        .iter()
+        .map(|ns| seconds(*ns))
+        .collect();
+    let utilization = if snapshot.node.interval_capacity_ns > 0 {
+        snapshot.node.interval_busy_ns as f64 / snapshot.node.interval_capacity_ns as f64
+    } else {
+        0.0
+    };
+    Json(json!({
+        "method": snapshot.method.as_str(),
+        "cpu_busy_seconds": busy.iter().sum::<f64>(),
+        "cpu_idle_seconds": idle.iter().sum::<f64>(),
+        "cpu_busy_seconds_by_cpu": busy,
+        "cpu_idle_seconds_by_cpu": idle,
+        "cpu_utilization": utilization,
+        "sources": snapshot.sources,
+    }))
+}

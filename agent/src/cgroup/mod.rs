@@ -1,0 +1,274 @@
+//! cgroups: where the v2 hierarchy is mounted, cgroup id → path, and path →
+//! workload (in [`workload`]).
+
+pub mod workload;
+
+use std::{
+    collections::HashMap,
+    io,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use thiserror::Error;
+
+pub use workload::{Pod, QosClass, Runtime, Workload, parse_cgroup_path};
+
+#[derive(Debug, Error)]
+pub enum CgroupError {
+    #[error("no cgroup v2 hierarchy is mounted (looked in {mountinfo} for a cgroup2 mount)")]
+    NoV2Mount { mountinfo: PathBuf },
+    #[error("reading {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Finds the cgroup v2 mount point in `/proc/self/mountinfo` text: pure v2
+/// at `/sys/fs/cgroup`, or hybrid with v2 at `/sys/fs/cgroup/unified`.
+pub fn find_v2_mount(mountinfo: &str) -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = Vec::new();
+    for line in mountinfo.lines() {
+        // "36 35 0:30 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw"
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let fs_type = right.split_whitespace().next();
+        let mount_point = left.split_whitespace().nth(4);
+        let root = left.split_whitespace().nth(3);
+        if fs_type == Some("cgroup2")
+            && root == Some("/")
+            && let Some(mount_point) = mount_point
+        {
+            found.push(PathBuf::from(unescape_mountinfo(mount_point)));
+        }
+    }
+    // Prefer the canonical places when several are mounted.
+    for preferred in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+        if let Some(p) = found.iter().find(|p| p.as_path() == Path::new(preferred)) {
+            return Some(p.clone());
+        }
+    }
+    found.into_iter().next()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo` octal.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let value =
+                (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(value);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What the agent knows of one cgroup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CgroupInfo {
+    /// Path relative to the v2 root, starting with `/`.
+    pub path: String,
+    pub workload: Arc<Workload>,
+}
+
+/// Maps cgroup ids (the inode numbers of v2 cgroup directories, which is
+/// what `bpf_get_current_cgroup_id` returns) to paths and workloads. The
+/// cache is refreshed by a walk of the hierarchy on a miss, at most once per
+/// `min_rescan_interval`; entries of removed cgroups are kept so that the
+/// time of exited containers still has a name.
+pub struct CgroupResolver {
+    root: PathBuf,
+    by_id: HashMap<u64, CgroupInfo>,
+    last_scan: Option<Instant>,
+    min_rescan_interval: Duration,
+    unknown: Arc<Workload>,
+}
+
+impl CgroupResolver {
+    pub fn new(root: impl Into<PathBuf>, min_rescan_interval: Duration) -> Self {
+        Self {
+            root: root.into(),
+            by_id: HashMap::new(),
+            last_scan: None,
+            min_rescan_interval,
+            unknown: Arc::new(Workload::Host),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The cgroup's path and workload, walking the hierarchy again on a miss.
+    /// A cgroup that vanished before it was ever seen resolves to `None`.
+    pub fn resolve(&mut self, id: u64) -> Option<&CgroupInfo> {
+        if !self.by_id.contains_key(&id) {
+            let due = self
+                .last_scan
+                .is_none_or(|at| at.elapsed() >= self.min_rescan_interval);
+            if due {
+                self.rescan();
+            }
+        }
+        self.by_id.get(&id)
+    }
+
+    /// The workload for `id`, the host when the cgroup is unknown.
+    pub fn workload(&mut self, id: u64) -> Arc<Workload> {
+        match self.resolve(id) {
+            Some(info) => Arc::clone(&info.workload),
+            None => Arc::clone(&self.unknown),
+        }
+    }
+
+    /// Walks the whole hierarchy and records every cgroup directory.
+    pub fn rescan(&mut self) {
+        self.last_scan = Some(Instant::now());
+        let mut pending = vec![(self.root.clone(), String::from("/"))];
+        while let Some((dir, relative)) = pending.pop() {
+            let Ok(metadata) = std::fs::metadata(&dir) else {
+                continue;
+            };
+            self.by_id
+                .entry(metadata.ino())
+                .or_insert_with(|| CgroupInfo {
+                    workload: Arc::new(parse_cgroup_path(&relative)),
+                    path: relative.clone(),
+                });
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let Ok(file_type) = entry.file_type() else {
+                    continue;
+                };
+                if file_type.is_dir() {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    let child_relative = if relative == "/" {
+                        format!("/{name}")
+                    } else {
+                        format!("{relative}/{name}")
+                    };
+                    pending.push((entry.path(), child_relative));
+                }
+            }
+        }
+    }
+
+    /// Looks a cgroup up by its path (as `/proc/<pid>/cgroup` gives it):
+    /// one `stat`, cached.
+    pub fn id_of_path(&mut self, relative: &str) -> Option<u64> {
+        let full = self.root.join(relative.trim_start_matches('/'));
+        let metadata = std::fs::metadata(&full).ok()?;
+        let id = metadata.ino();
+        let normalized = if relative.is_empty() { "/" } else { relative };
+        self.by_id.entry(id).or_insert_with(|| CgroupInfo {
+            workload: Arc::new(parse_cgroup_path(normalized)),
+            path: normalized.to_owned(),
+        });
+        Some(id)
+    }
+
+    /// Whether the cgroup directory is still there (and still the same one).
+    pub fn still_exists(&self, id: u64) -> bool {
+        let Some(info) = self.by_id.get(&id) else {
+            return false;
+        };
+        let full = self.root.join(info.path.trim_start_matches('/'));
+        std::fs::metadata(full).is_ok_and(|m| m.ino() == id)
+    }
+
+    pub fn known(&self) -> usize {
+        self.by_id.len()
+    }
+}
+
+/// Reads `/proc/self/mountinfo` under `procfs_root` and finds the v2 mount.
+pub fn detect_v2_root(procfs_root: &Path) -> Result<PathBuf, CgroupError> {
+    let mountinfo = procfs_root.join("self/mountinfo");
+    let text = std::fs::read_to_string(&mountinfo).map_err(|source| CgroupError::Io {
+        path: mountinfo.clone(),
+        source,
+    })?;
+    find_v2_mount(&text).ok_or(CgroupError::NoV2Mount { mountinfo })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+25 30 0:23 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
+33 25 0:28 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+34 33 0:29 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
+35 33 0:30 / /sys/fs/cgroup/systemd rw,nosuid,nodev,noexec,relatime shared:11 - cgroup cgroup rw,xattr,name=systemd
+";
+    const PURE_V2: &str = "\
+35 24 0:30 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot
+";
+
+    #[test]
+    fn finds_hybrid_and_pure_v2_mounts() {
+        assert_eq!(
+            find_v2_mount(HYBRID),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            find_v2_mount(PURE_V2),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(find_v2_mount("garbage\n\n - -"), None);
+    }
+
+    #[test]
+    fn ignores_bind_mounts_of_sub_cgroups() {
+        let text = "40 35 0:30 /kubepods.slice /host/cgroup rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(find_v2_mount(text), None);
+    }
+
+    #[test]
+    fn unescapes_octal_in_mount_points() {
+        assert_eq!(unescape_mountinfo("/mnt/with\\040space"), "/mnt/with space");
+        assert_eq!(unescape_mountinfo("/trailing\\04"), "/trailing\\04");
+    }
+
+    #[test]
+    fn resolver_walks_a_tree_and_keeps_removed_cgroups() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = "f".repeat(64);
+        let leaf = dir.path().join(format!("system.slice/docker-{id}.scope"));
+        std::fs::create_dir_all(&leaf).unwrap();
+        let leaf_id = std::fs::metadata(&leaf).unwrap().ino();
+
+        let mut resolver = CgroupResolver::new(dir.path(), Duration::ZERO);
+        let info = resolver.resolve(leaf_id).expect("resolved").clone();
+        assert_eq!(info.path, format!("/system.slice/docker-{id}.scope"));
+        assert_eq!(info.workload.kind(), "container");
+        assert!(resolver.still_exists(leaf_id));
+
+        std::fs::remove_dir(&leaf).unwrap();
+        assert!(!resolver.still_exists(leaf_id));
+        assert_eq!(
+            resolver.resolve(leaf_id).map(|i| i.path.clone()),
+            Some(info.path)
+        );
+        assert!(resolver.resolve(u64::MAX).is_none());
+    }
+}

@@ -1,0 +1,245 @@
+//! The per-interval loop: read the CPU source, account, publish a snapshot.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant, SystemTime},
+};
+
+use tracing::{info, warn};
+
+use crate::{
+    accounting::{Accounting, Resolved},
+    cgroup::CgroupResolver,
+    config::{Config, MethodChoice},
+    cpu::{CpuTimeSource, Method, procfs::ProcfsCpuSource},
+    ebpf::{EbpfCpuSource, EbpfLoadError, EbpfOptions},
+    snapshot::{SharedSnapshot, Snapshot, SnapshotBase, SourceStatus},
+    topology::Topology,
+};
+
+/// Formats an error with its chain of causes, as one line.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Picks the CPU source the configuration asks for. With `auto`, a kernel
+/// that refuses the programs is logged once, with its reason, and the
+/// procfs fallback takes over.
+pub fn select_source(
+    config: &Config,
+    topology: &Topology,
+    cgroup_root: &std::path::Path,
+) -> Result<(Box<dyn CpuTimeSource>, Vec<SourceStatus>), EbpfLoadError> {
+    let procfs = || {
+        Box::new(ProcfsCpuSource::new(
+            &config.procfs_root,
+            cgroup_root,
+            topology.clone(),
+        )) as Box<dyn CpuTimeSource>
+    };
+    let ok = |name: &str| SourceStatus {
+        name: name.to_owned(),
+        status: "ok",
+        reason: None,
+    };
+    match config.method {
+        MethodChoice::Procfs => Ok((
+            procfs(),
+            vec![
+                SourceStatus {
+                    name: "cpu:ebpf".into(),
+                    status: "disabled",
+                    reason: Some("method = procfs in the configuration".into()),
+                },
+                ok("cpu:procfs"),
+            ],
+        )),
+        MethodChoice::Ebpf | MethodChoice::Auto => {
+            let options = EbpfOptions {
+                btf_path: config.btf_path.clone(),
+                procfs_root: config.procfs_root.clone(),
+            };
+            match EbpfCpuSource::load(&options, topology.clone()) {
+                Ok(source) => Ok((Box::new(source), vec![ok("cpu:ebpf")])),
+                Err(error) if config.method == MethodChoice::Auto => {
+                    let reason = error_chain(&error);
+                    warn!(
+                        "kernel programs could not be loaded, falling back to procfs sampling: {reason}"
+                    );
+                    Ok((
+                        procfs(),
+                        vec![
+                            SourceStatus {
+                                name: "cpu:ebpf".into(),
+                                status: "failing",
+                                reason: Some(reason),
+                            },
+                            ok("cpu:procfs"),
+                        ],
+                    ))
+                }
+                Err(error) => Err(error),
+            }
+        }
+    }
+}
+
+pub struct Collector {
+    source: Box<dyn CpuTimeSource>,
+    sources: Vec<SourceStatus>,
+    resolver: CgroupResolver,
+    accounting: Accounting,
+    topology: Topology,
+    shared: SharedSnapshot,
+    interval: Duration,
+    started_at: SystemTime,
+    last_read: Instant,
+    read_errors: u64,
+    consecutive_errors: u32,
+    losses: Vec<(&'static str, u64)>,
+    procfs_root: PathBuf,
+}
+
+/// After this many failed reads in a row the eBPF source is replaced by
+/// the procfs fallback (the totals so far are kept).
+const FAILURES_BEFORE_FALLBACK: u32 = 5;
+
+impl Collector {
+    pub fn new(
+        source: Box<dyn CpuTimeSource>,
+        sources: Vec<SourceStatus>,
+        cgroup_root: PathBuf,
+        topology: Topology,
+        config: &Config,
+        shared: SharedSnapshot,
+    ) -> Self {
+        Self {
+            source,
+            sources,
+            resolver: CgroupResolver::new(
+                cgroup_root,
+                config.interval.max(Duration::from_millis(500)),
+            ),
+            accounting: Accounting::new(config.retention),
+            topology,
+            shared,
+            interval: config.interval,
+            started_at: SystemTime::now(),
+            last_read: Instant::now(),
+            read_errors: 0,
+            consecutive_errors: 0,
+            losses: Vec::new(),
+            procfs_root: config.procfs_root.clone(),
+        }
+    }
+
+    pub fn method(&self) -> Method {
+        self.source.method()
+    }
+
+    /// One interval: read, account, publish. Never fails: a failed read is
+    /// logged, counted and visible in the snapshot; what was measured stays.
+    pub fn tick(&mut self) {
+        let read_at = Instant::now();
+        let wall = read_at.duration_since(self.last_read);
+        let now = SystemTime::now();
+        match self.source.read() {
+            Ok(reading) => {
+                self.last_read = read_at;
+                self.consecutive_errors = 0;
+                self.set_status(self.source_name(), "ok", None);
+                if !reading.losses.is_empty() {
+                    self.losses = reading.losses.clone();
+                }
+                let resolver = &mut self.resolver;
+                self.accounting.apply(
+                    &reading,
+                    now,
+                    wall,
+                    self.topology.online_cpus(),
+                    &mut |cgroup_id| {
+                        let info = resolver.resolve(cgroup_id).cloned();
+                        Resolved {
+                            workload: info.as_ref().map_or_else(
+                                || resolver.workload(cgroup_id),
+                                |i| i.workload.clone(),
+                            ),
+                            path: info.map(|i| i.path),
+                        }
+                    },
+                );
+            }
+            Err(error) => {
+                self.read_errors += 1;
+                self.consecutive_errors += 1;
+                let reason = error_chain(&error);
+                warn!(source = self.source_name(), "read failed: {reason}");
+                self.set_status(self.source_name(), "failing", Some(reason));
+                if self.source.method() == Method::Ebpf
+                    && self.consecutive_errors >= FAILURES_BEFORE_FALLBACK
+                {
+                    warn!(
+                        "{FAILURES_BEFORE_FALLBACK} failed reads in a row: switching to procfs sampling"
+                    );
+                    self.source = Box::new(ProcfsCpuSource::new(
+                        &self.procfs_root,
+                        self.resolver.root(),
+                        self.topology.clone(),
+                    ));
+                    self.sources.push(SourceStatus {
+                        name: "cpu:procfs".into(),
+                        status: "ok",
+                        reason: None,
+                    });
+                    self.consecutive_errors = 0;
+                    // Sample once now so the next interval has a baseline.
+                    let _ = self.source.read();
+                    self.last_read = Instant::now();
+                }
+            }
+        }
+        let resolver = &self.resolver;
+        self.accounting
+            .retire(now, &mut |id| resolver.still_exists(id));
+        self.shared.publish(Snapshot::build(
+            &self.accounting,
+            SnapshotBase {
+                generated_at: now,
+                started_at: self.started_at,
+                interval: if wall.is_zero() { self.interval } else { wall },
+                method: self.source.method(),
+                sockets: self.topology.sockets(),
+                losses: self.losses.clone(),
+                sources: self.sources.clone(),
+                read_errors: self.read_errors,
+            },
+        ));
+    }
+
+    fn source_name(&self) -> &'static str {
+        match self.source.method() {
+            Method::Ebpf => "cpu:ebpf",
+            Method::Procfs => "cpu:procfs",
+        }
+    }
+
+    fn set_status(&mut self, name: &str, status: &'static str, reason: Option<String>) {
+        if let Some(entry) = self.sources.iter_mut().find(|s| s.name == name) {
+            if entry.status != status {
+                info!(source = name, "source is now {status}");
+            }
+            entry.status = status;
+            entry.reason = reason;
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! Configuration: a TOML file, environment variables and flags, in rising
+//! order of precedence (a flag beats its environment variable, which beats
+//! the file, which beats the default). Errors name the field at fault.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid `{field}`: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+/// How CPU time is measured.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum MethodChoice {
+    /// Kernel programs, falling back to procfs if the kernel refuses them.
+    #[default]
+    Auto,
+    /// Kernel programs only: refusing them is fatal.
+    Ebpf,
+    /// procfs sampling only.
+    Procfs,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// How often to read and publish, 100ms to 1h.
+    #[serde(with = "duration_text")]
+    pub interval: Duration,
+    /// Where the JSON API listens.
+    pub listen: SocketAddr,
+    /// How long exited processes and containers stay queryable.
+    #[serde(with = "duration_text")]
+    pub retention: Duration,
+    pub method: MethodChoice,
+    /// Kernel BTF (type information) used to load the programs.
+    pub btf_path: PathBuf,
+    pub procfs_root: PathBuf,
+    pub sysfs_root: PathBuf,
+    /// The cgroup v2 mount; found in /proc/self/mountinfo when unset.
+    pub cgroup_root: Option<PathBuf>,
+    /// Print a table of the top workloads every interval.
+    pub table: bool,
+    pub table_rows: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(1),
+            listen: SocketAddr::from(([127, 0, 0, 1], 9876)),
+            retention: Duration::from_secs(15 * 60),
+            method: MethodChoice::Auto,
+            btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
+            procfs_root: PathBuf::from("/proc"),
+            sysfs_root: PathBuf::from("/sys"),
+            cgroup_root: None,
+            table: true,
+            table_rows: 10,
+        }
+    }
+}
+
+pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Values given as flags or environment variables; `None` keeps the file's.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Overrides {
+    /// TOML config file.
+    #[arg(long, env = "POWERLENS_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Read and publish interval (e.g. 1s, 500ms; 100ms at least).
+    #[arg(long, env = "POWERLENS_INTERVAL", value_parser = parse_duration_arg)]
+    pub interval: Option<Duration>,
+    /// Address of the JSON API.
+    #[arg(long, env = "POWERLENS_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// How long exited processes and containers stay queryable (e.g. 15m).
+    #[arg(long, env = "POWERLENS_RETENTION", value_parser = parse_duration_arg)]
+    pub retention: Option<Duration>,
+    /// CPU time source.
+    #[arg(long, env = "POWERLENS_METHOD", value_enum)]
+    pub method: Option<MethodChoice>,
+    /// Kernel BTF file.
+    #[arg(long, env = "POWERLENS_BTF_PATH")]
+    pub btf_path: Option<PathBuf>,
+    /// Root of procfs (for containers that mount the host's elsewhere).
+    #[arg(long, env = "POWERLENS_PROCFS_ROOT")]
+    pub procfs_root: Option<PathBuf>,
+    /// Root of sysfs.
+    #[arg(long, env = "POWERLENS_SYSFS_ROOT")]
+    pub sysfs_root: Option<PathBuf>,
+    /// cgroup v2 mount point (default: found in /proc/self/mountinfo).
+    #[arg(long, env = "POWERLENS_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+    /// Do not print the table every interval.
+    #[arg(long, env = "POWERLENS_NO_TABLE")]
+    pub no_table: bool,
+    /// Rows of the table.
+    #[arg(long, env = "POWERLENS_TABLE_ROWS")]
+    pub table_rows: Option<usize>,
+}
+
+fn parse_duration_arg(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?} is not a duration ({e}); write e.g. 1s, 500ms, 15m"))
+}
+
+impl Config {
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The file (if any), then the overrides, then validation.
+    pub fn load(overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut config = match &overrides.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                Self::from_toml(&text, path)?
+            }
+            None => Self::default(),
+        };
+        config.apply(overrides);
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn apply(&mut self, o: &Overrides) {
+        if let Some(v) = o.interval {
+            self.interval = v;
+        }
+        if let Some(v) = o.listen {
+            self.listen = v;
+        }
+        if let Some(v) = o.retention {
+            self.retention = v;
+        }
+        if let Some(v) = o.method {
+            self.method = v;
+        }
+        if let Some(v) = &o.btf_path {
+            self.btf_path = v.clone();
+        }
+        if let Some(v) = &o.procfs_root {
+            self.procfs_root = v.clone();
+        }
+        if let Some(v) = &o.sysfs_root {
+            self.sysfs_root = v.clone();
+        }
+        if let Some(v) = &o.cgroup_root {
+            self.cgroup_root = Some(v.clone());
+        }
+        if o.no_table {
+            self.table = false;
+        }
+        if let Some(v) = o.table_rows {
+            self.table_rows = v;
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.interval < MIN_INTERVAL || self.interval > MAX_INTERVAL {
+            return Err(ConfigError::Invalid {
+                field: "interval",
+                message: format!(
+                    "{} is outside {}..={}",
+                    humantime::format_duration(self.interval),
+                    humantime::format_duration(MIN_INTERVAL),
+                    humantime::format_duration(MAX_INTERVAL)
+                ),
+            });
+        }
+        if self.retention < self.interval {
+            return Err(ConfigError::Invalid {
+                field: "retention",
+                message: format!(
+                    "{} is shorter than the interval ({})",
+                    humantime::format_duration(self.retention),
+                    humantime::format_duration(self.interval)
+                ),
+            });
+        }
+        for (field, path) in [
+            ("procfs_root", &self.procfs_root),
+            ("sysfs_root", &self.sysfs_root),
+        ] {
+            if !path.is_dir() {
+                return Err(ConfigError::Invalid {
+                    field,
+                    message: format!("{} is not a directory", path.display()),
+                });
+            }
+        }
+        if let Some(root) = &self.cgroup_root
+            && !root.is_dir()
+        {
+            return Err(ConfigError::Invalid {
+                field: "cgroup_root",
+                message: format!("{} is not a directory", root.display()),
+            });
+        }
+        if self.table_rows == 0 || self.table_rows > 1000 {
+            return Err(ConfigError::Invalid {
+                field: "table_rows",
+                message: format!("{} is outside 1..=1000", self.table_rows),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Durations as human text in TOML ("1s", "15m").
+mod duration_text {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&humantime::format_duration(*value).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not a duration ({e}); write e.g. \"1s\", \"500ms\""
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_values_then_overrides() {
+        let config = Config::from_toml(
+            "interval = \"250ms\"\nlisten = \"127.0.0.1:1\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert_eq!(config.interval, Duration::from_millis(250));
+        let mut config = config;
+        config.apply(&Overrides {
+            listen: Some("127.0.0.1:2".parse().unwrap()),
+            ..Default::default()
+        });
+        assert_eq!(config.listen.port(), 2);
+        assert_eq!(config.interval, Duration::from_millis(250));
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_name_the_field() {
+        let error = Config::from_toml("intervall = \"1s\"", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("intervall"), "{error}");
+        assert!(error.contains("c.toml"), "{error}");
+        let error = Config::from_toml("interval = \"fast\"", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("interval") && error.contains("fast"),
+            "{error}"
+        );
+        let config = Config {
+            interval: Duration::from_millis(10),
+            ..Default::default()
+        };
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("`interval`"), "{error}");
+    }
+
+    #[test]
+    fn a_missing_root_is_named() {
+        let config = Config {
+            procfs_root: PathBuf::from("/definitely/not/here"),
+            ..Default::default()
+        };
+        let error = config.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("procfs_root") && error.contains("/definitely/not/here"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn defaults_round_trip_through_toml() {
+        let text = toml::to_string(&Config::default()).unwrap();
+        assert_eq!(
+            Config::from_toml(&text, Path::new("d.toml")).unwrap(),
+            Config::default()
+        );
+    }
+}

@@ -1,0 +1,199 @@
+//! Sources of per-process CPU time: the kernel programs ([`ebpf`]) and the
+//! procfs/cgroup sampling fallback ([`procfs`]). Both produce the same
+//! [`CpuReading`], a set of deltas since the previous read.
+
+pub mod procfs;
+
+use std::fmt;
+
+use agent_common::{COMM_LEN, MAX_SOCKETS};
+use serde::Serialize;
+use thiserror::Error;
+
+/// How a figure was measured. Every figure powerlens reports carries one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Kernel programs: the scheduler's own run time, per context switch.
+    Ebpf,
+    /// Sampling `/proc/<pid>/stat`: clock-tick resolution, processes that
+    /// exit between two samples lose their last partial interval.
+    Procfs,
+}
+
+impl Method {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Method::Ebpf => "ebpf",
+            Method::Procfs => "procfs",
+        }
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A process, told apart from any later one that reuses its PID by the
+/// start time of its thread-group leader.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProcessKey {
+    pub pid: u32,
+    /// Start time in ns since boot (eBPF: `task_struct.start_time`; procfs:
+    /// `/proc/<pid>/stat` field 22 converted from clock ticks).
+    pub start_ns: u64,
+}
+
+/// `task_struct.comm`, kept inline so a reading of 10,000 processes does not
+/// allocate 10,000 strings.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Comm(pub [u8; COMM_LEN]);
+
+impl Comm {
+    pub fn from_str_lossy(name: &str) -> Self {
+        let mut bytes = [0u8; COMM_LEN];
+        let source = name.as_bytes();
+        let len = source.len().min(COMM_LEN - 1);
+        bytes[..len].copy_from_slice(&source[..len]);
+        Self(bytes)
+    }
+
+    pub fn as_str(&self) -> std::borrow::Cow<'_, str> {
+        let end = self.0.iter().position(|b| *b == 0).unwrap_or(COMM_LEN);
+        String::from_utf8_lossy(&self.0[..end])
+    }
+}
+
+impl fmt::Debug for Comm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+/// CPU time per socket, in nanoseconds.
+pub type SocketNs = [u64; MAX_SOCKETS];
+
+pub fn total_ns(by_socket: &SocketNs) -> u64 {
+    by_socket.iter().sum()
+}
+
+/// CPU time one process spent in one cgroup since the previous reading.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcessUsage {
+    pub key: ProcessKey,
+    pub comm: Comm,
+    pub cgroup_id: u64,
+    pub runtime_ns_by_socket: SocketNs,
+}
+
+/// One read of a CPU source: what happened since the previous read.
+#[derive(Clone, Debug, Default)]
+pub struct CpuReading {
+    pub usage: Vec<ProcessUsage>,
+    /// Processes known to have exited since the previous read.
+    pub exited: Vec<ProcessKey>,
+    /// Time spent running tasks on each CPU since the previous read, indexed
+    /// by CPU number; each CPU's idle time is wall time minus this.
+    pub busy_ns_by_cpu: Vec<u64>,
+    /// Cumulative loss counters of the source (name, count).
+    pub losses: Vec<(&'static str, u64)>,
+}
+
+#[derive(Debug, Error)]
+pub enum CpuSourceError {
+    #[error("reading {what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("kernel program map {map}: {message}")]
+    Map { map: &'static str, message: String },
+    #[error("task iterator: {0}")]
+    Iterator(String),
+}
+
+/// A source of per-process CPU time.
+pub trait CpuTimeSource: Send {
+    fn method(&self) -> Method;
+
+    /// Everything since the previous call (the first call covers the time
+    /// since the source was created).
+    fn read(&mut self) -> Result<CpuReading, CpuSourceError>;
+}
+
+/// Merges usage entries with the same process and cgroup.
+pub fn merge_usage(usage: &mut Vec<ProcessUsage>) {
+    usage.sort_unstable_by_key(|u| (u.key, u.cgroup_id));
+    usage.dedup_by(|later, earlier| {
+        if later.key == earlier.key && later.cgroup_id == earlier.cgroup_id {
+            for (sum, add) in earlier
+                .runtime_ns_by_socket
+                .iter_mut()
+                .zip(later.runtime_ns_by_socket)
+            {
+                *sum += add;
+            }
+            // Keep the newest name (exec changes it).
+            if later.comm != Comm::default() {
+                earlier.comm = later.comm;
+            }
+            true
+        } else {
+            false
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comm_round_trips_and_truncates() {
+        assert_eq!(Comm::from_str_lossy("stress-ng").as_str(), "stress-ng");
+        assert_eq!(
+            Comm::from_str_lossy("a-very-long-process-name").as_str(),
+            "a-very-long-pro"
+        );
+    }
+
+    #[test]
+    fn merge_adds_same_process_and_cgroup_only() {
+        let key = ProcessKey {
+            pid: 7,
+            start_ns: 1,
+        };
+        let mut socket_a = [0; MAX_SOCKETS];
+        socket_a[0] = 10;
+        let mut socket_b = [0; MAX_SOCKETS];
+        socket_b[1] = 5;
+        let mut usage = vec![
+            ProcessUsage {
+                key,
+                comm: Comm::from_str_lossy("a"),
+                cgroup_id: 1,
+                runtime_ns_by_socket: socket_a,
+            },
+            ProcessUsage {
+                key,
+                comm: Comm::from_str_lossy("b"),
+                cgroup_id: 2,
+                runtime_ns_by_socket: socket_a,
+            },
+            ProcessUsage {
+                key,
+                comm: Comm::from_str_lossy("a2"),
+                cgroup_id: 1,
+                runtime_ns_by_socket: socket_b,
+            },
+        ];
+        merge_usage(&mut usage);
+        assert_eq!(usage.len(), 2);
+        let first = usage.iter().find(|u| u.cgroup_id == 1).unwrap();
+        assert_eq!(first.runtime_ns_by_socket[0], 10);
+        assert_eq!(first.runtime_ns_by_socket[1], 5);
+    }
+}

@@ -1,0 +1,573 @@
+//! Loads the kernel programs and reads them: the eBPF [`CpuTimeSource`].
+//!
+//! Start-up order matters for exactness: the baseline iterator first marks
+//! every existing thread's past run time as claimed, then `sched_switch` is
+//! attached, then each read runs `dump_tasks` and drains `EXITED`.
+
+pub mod btf;
+
+use std::{
+    collections::{HashMap, HashSet},
+    io::Read as _,
+    path::PathBuf,
+};
+
+use agent_common::{
+    ExitedKey, ExitedValue, KernelOffsets, LossCounter, MAX_SOCKETS, TaskRecord,
+    names::{self, GLOBAL_CPU_TO_SOCKET, GLOBAL_OFFSETS},
+};
+use aya::{
+    Btf, Ebpf, EbpfLoader, Endianness,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
+    programs::{BtfTracePoint, Iter, ProgramError},
+};
+use thiserror::Error;
+use tracing::{debug, info};
+
+use crate::{
+    cpu::{
+        Comm, CpuReading, CpuSourceError, CpuTimeSource, Method, ProcessKey, ProcessUsage,
+        merge_usage,
+    },
+    procinfo,
+    topology::Topology,
+};
+
+/// The compiled kernel programs, embedded at build time by `build.rs`.
+pub static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/agent"));
+
+#[derive(Debug, Error)]
+pub enum EbpfLoadError {
+    #[error(
+        "reading kernel BTF from {path}: {source} (a kernel built with CONFIG_DEBUG_INFO_BTF=y provides /sys/kernel/btf/vmlinux)"
+    )]
+    BtfRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("kernel BTF at {path}: {source}")]
+    BtfParse {
+        path: PathBuf,
+        #[source]
+        source: btf::BtfError,
+    },
+    #[error("kernel BTF at {path}: {source}")]
+    AyaBtf {
+        path: PathBuf,
+        #[source]
+        source: aya::BtfError,
+    },
+    #[error("loading the eBPF object: {0}")]
+    Object(#[from] aya::EbpfError),
+    #[error("program `{program}`: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("program `{0}` missing from the eBPF object")]
+    MissingProgram(&'static str),
+    #[error("map `{map}`: {message}")]
+    Map { map: &'static str, message: String },
+    #[error("task iterator: {0}")]
+    Iterator(String),
+}
+
+/// Reads the offsets the programs need from the kernel's BTF.
+pub fn kernel_offsets(btf: &btf::Btf) -> Result<KernelOffsets, btf::BtfError> {
+    let task = |path: &[&str]| btf.member_offset("task_struct", path);
+    // Since 5.16 `cpu` lives in task_struct; before, in thread_info.
+    let task_cpu = task(&["cpu"]).or_else(|_| task(&["thread_info", "cpu"]))?;
+    Ok(KernelOffsets {
+        task_sum_exec_runtime: task(&["se", "sum_exec_runtime"])?,
+        task_pid: task(&["pid"])?,
+        task_tgid: task(&["tgid"])?,
+        task_start_boottime: task(&["start_boottime"])?,
+        task_group_leader: task(&["group_leader"])?,
+        task_comm: task(&["comm"])?,
+        task_cgroups: task(&["cgroups"])?,
+        task_cpu,
+        css_set_dfl_cgrp: btf.member_offset("css_set", &["dfl_cgrp"])?,
+        cgroup_kn: btf.member_offset("cgroup", &["kn"])?,
+        kernfs_node_id: btf.member_offset("kernfs_node", &["id"])?,
+        _reserved: 0,
+    })
+}
+
+/// Parses the iterator's output: a sequence of `TaskRecord`s. A trailing
+/// partial record (which the kernel never writes) is ignored.
+pub fn parse_records(bytes: &[u8]) -> impl Iterator<Item = TaskRecord> + '_ {
+    bytes
+        .chunks_exact(size_of::<TaskRecord>())
+        // SAFETY: TaskRecord is repr(C) plain integers; any bytes are valid;
+        // read_unaligned copes with the Vec's alignment.
+        .map(|chunk| unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<TaskRecord>()) })
+}
+
+/// Turns one record into usage: drained run time per socket, plus the
+/// in-progress slice on the socket of the CPU it is running on.
+pub fn record_usage(record: &TaskRecord, topology: &Topology) -> ProcessUsage {
+    let mut runtime_ns_by_socket = record.drained_ns_by_socket;
+    if record.in_progress_ns > 0 {
+        runtime_ns_by_socket[topology.socket_of(record.cpu)] += record.in_progress_ns;
+    }
+    ProcessUsage {
+        key: ProcessKey {
+            pid: record.tgid,
+            start_ns: record.process_start_ns,
+        },
+        comm: Comm(record.comm),
+        cgroup_id: record.cgroup_id,
+        runtime_ns_by_socket,
+    }
+}
+
+/// What the agent remembers of an `EXITED` entry between reads.
+#[derive(Clone, Debug, Default)]
+struct ExitedTrack {
+    /// Cumulative values already reported.
+    reported: [u64; MAX_SOCKETS],
+    /// The process is confirmed gone; the entry is deleted on the next read
+    /// that finds it unchanged.
+    process_gone: bool,
+    /// Reads since the entry was deleted (the track is then forgotten).
+    deleted_reads: u32,
+    deleted: bool,
+}
+
+/// Options for the kernel programs.
+#[derive(Clone, Debug)]
+pub struct EbpfOptions {
+    pub btf_path: PathBuf,
+    pub procfs_root: PathBuf,
+}
+
+pub struct EbpfCpuSource {
+    ebpf: Ebpf,
+    topology: Topology,
+    procfs_root: PathBuf,
+    buffer: Vec<u8>,
+    exited: HashMap<ExitedKey, ExitedTrack>,
+    last_busy_ns: Vec<u64>,
+    /// Processes seen running and not yet known to have exited, by PID.
+    live: HashMap<u32, u64>,
+    reads: u64,
+    clock_ticks_per_second: u64,
+}
+
+/// Every this many reads, the live set is checked against `/proc` to retire
+/// processes that left no trace in `EXITED` (a thread can exit with nothing
+/// left to flush when a read drained it a moment before).
+const LIVENESS_SWEEP_EVERY: u64 = 10;
+
+impl EbpfCpuSource {
+    pub fn load(options: &EbpfOptions, topology: Topology) -> Result<Self, EbpfLoadError> {
+        raise_memlock_limit();
+        let btf_bytes =
+            std::fs::read(&options.btf_path).map_err(|source| EbpfLoadError::BtfRead {
+                path: options.btf_path.clone(),
+                source,
+            })?;
+        let parsed = btf::Btf::parse(&btf_bytes).map_err(|source| EbpfLoadError::BtfParse {
+            path: options.btf_path.clone(),
+            source,
+        })?;
+        let offsets = kernel_offsets(&parsed).map_err(|source| EbpfLoadError::BtfParse {
+            path: options.btf_path.clone(),
+            source,
+        })?;
+        debug!(?offsets, "kernel structure offsets from BTF");
+        let aya_btf = Btf::parse(&btf_bytes, Endianness::default()).map_err(|source| {
+            EbpfLoadError::AyaBtf {
+                path: options.btf_path.clone(),
+                source,
+            }
+        })?;
+        let cpu_table = topology.kernel_table();
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&aya_btf))
+            // aya has no user-space wrapper for task storage; we only ever
+            // reach it from the programs, so let aya create it as is.
+            .allow_unsupported_maps()
+            .override_global(GLOBAL_OFFSETS, &offsets, true)
+            .override_global(GLOBAL_CPU_TO_SOCKET, &cpu_table, true)
+            .load(KERNEL_OBJECT)?;
+
+        // 1. Baseline: past run time of existing threads is not ours to report.
+        load_iter(&mut ebpf, names::BASELINE_TASKS, &aya_btf)?;
+        let mut sink = Vec::new();
+        run_iter(&mut ebpf, names::BASELINE_TASKS, &mut sink)?;
+        // 2. The switch path.
+        let switch: &mut BtfTracePoint = ebpf
+            .program_mut(names::SCHED_SWITCH)
+            .ok_or(EbpfLoadError::MissingProgram(names::SCHED_SWITCH))?
+            .try_into()
+            .map_err(|source| EbpfLoadError::Program {
+                program: names::SCHED_SWITCH,
+                source,
+            })?;
+        switch
+            .load("sched_switch", &aya_btf)
+            .and_then(|()| switch.attach().map(drop))
+            .map_err(|source| EbpfLoadError::Program {
+                program: names::SCHED_SWITCH,
+                source,
+            })?;
+        // 3. The reader.
+        load_iter(&mut ebpf, names::DUMP_TASKS, &aya_btf)?;
+
+        let mut source = Self {
+            ebpf,
+            topology,
+            procfs_root: options.procfs_root.clone(),
+            buffer: Vec::with_capacity(1 << 16),
+            exited: HashMap::new(),
+            last_busy_ns: Vec::new(),
+            live: HashMap::new(),
+            reads: 0,
+            clock_ticks_per_second: procinfo::clock_ticks_per_second(),
+        };
+        // Start the busy counters from here, not from the baseline.
+        source.last_busy_ns = source.read_busy_ns().map_err(|e| EbpfLoadError::Map {
+            map: names::CPU_BUSY_NS,
+            message: e.to_string(),
+        })?;
+        info!("kernel programs loaded and attached (sched_switch, task iterator)");
+        Ok(source)
+    }
+
+    /// The loaded object, for benchmarks that attach the empty baseline.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    fn read_busy_ns(&self) -> Result<Vec<u64>, CpuSourceError> {
+        let map = self
+            .ebpf
+            .map(names::CPU_BUSY_NS)
+            .ok_or(CpuSourceError::Map {
+                map: names::CPU_BUSY_NS,
+                message: "missing".into(),
+            })?;
+        let busy: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(|e| map_error(names::CPU_BUSY_NS, e))?;
+        let values = busy
+            .get(&0, 0)
+            .map_err(|e| map_error(names::CPU_BUSY_NS, e))?;
+        Ok(values.iter().copied().collect())
+    }
+
+    fn read_losses(&self) -> Result<Vec<(&'static str, u64)>, CpuSourceError> {
+        let map = self
+            .ebpf
+            .map(names::LOSS_COUNTERS)
+            .ok_or(CpuSourceError::Map {
+                map: names::LOSS_COUNTERS,
+                message: "missing".into(),
+            })?;
+        let counters: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(map).map_err(|e| map_error(names::LOSS_COUNTERS, e))?;
+        let mut losses = Vec::with_capacity(LossCounter::ALL.len());
+        for counter in LossCounter::ALL {
+            let values = counters
+                .get(&(counter as u32), 0)
+                .map_err(|e| map_error(names::LOSS_COUNTERS, e))?;
+            losses.push((counter.name(), values.iter().sum()));
+        }
+        Ok(losses)
+    }
+
+    /// Reads `EXITED`: reports what grew since the last read, confirms
+    /// which processes are gone, and deletes entries that can no longer grow.
+    fn drain_exited(&mut self, reading: &mut CpuReading) -> Result<(), CpuSourceError> {
+        let map = self
+            .ebpf
+            .map_mut(names::EXITED)
+            .ok_or(CpuSourceError::Map {
+                map: names::EXITED,
+                message: "missing".into(),
+            })?;
+        let mut exited: BpfHashMap<&mut MapData, ExitedKey, ExitedValue> =
+            BpfHashMap::try_from(map).map_err(|e| map_error(names::EXITED, e))?;
+        let entries: Vec<(ExitedKey, ExitedValue)> = exited.iter().filter_map(Result::ok).collect();
+        let mut present = HashSet::with_capacity(entries.len());
+        for (key, value) in entries {
+            present.insert(key);
+            let track = self.exited.entry(key).or_default();
+            if track.deleted {
+                // The entry came back after we deleted it (a thread's last
+                // flush raced our delete): everything in it is new.
+                *track = ExitedTrack::default();
+            }
+            let mut delta = [0u64; MAX_SOCKETS];
+            let mut grew = false;
+            for socket in 0..MAX_SOCKETS {
+                let now = value.runtime_ns_by_socket[socket];
+                delta[socket] = now.saturating_sub(track.reported[socket]);
+                grew |= delta[socket] > 0;
+                track.reported[socket] = track.reported[socket].max(now);
+            }
+            let process = ProcessKey {
+                pid: key.tgid,
+                start_ns: key.process_start_ns,
+            };
+            if grew {
+                reading.usage.push(ProcessUsage {
+                    key: process,
+                    comm: Comm(value.comm),
+                    cgroup_id: value.cgroup_id,
+                    runtime_ns_by_socket: delta,
+                });
+            }
+            if track.process_gone && !grew {
+                // Gone a full read ago and unchanged since: nothing can add
+                // to it any more.
+                if exited.remove(&key).is_ok() {
+                    track.deleted = true;
+                }
+            } else if !track.process_gone
+                && !procinfo::process_alive(
+                    &self.procfs_root,
+                    key.tgid,
+                    key.process_start_ns,
+                    self.clock_ticks_per_second,
+                )
+            {
+                track.process_gone = true;
+                reading.exited.push(process);
+                self.live.remove(&key.tgid);
+            }
+        }
+        // Forget deleted tracks after a few reads.
+        self.exited.retain(|key, track| {
+            if track.deleted && !present.contains(key) {
+                track.deleted_reads += 1;
+                track.deleted_reads < 60
+            } else {
+                true
+            }
+        });
+        Ok(())
+    }
+
+    fn sweep_liveness(&mut self, reading: &mut CpuReading) {
+        let Ok(pids) = procinfo::list_pids(&self.procfs_root) else {
+            return;
+        };
+        let pids: HashSet<u32> = pids.into_iter().collect();
+        self.live.retain(|pid, start_ns| {
+            let alive = pids.contains(pid);
+            if !alive {
+                reading.exited.push(ProcessKey {
+                    pid: *pid,
+                    start_ns: *start_ns,
+                });
+            }
+            alive
+        });
+    }
+}
+
+impl CpuTimeSource for EbpfCpuSource {
+    fn method(&self) -> Method {
+        Method::Ebpf
+    }
+
+    fn read(&mut self) -> Result<CpuReading, CpuSourceError> {
+        self.reads += 1;
+        let mut reading = CpuReading::default();
+        let mut buffer = std::mem::take(&mut self.buffer);
+        buffer.clear();
+        let result = run_iter(&mut self.ebpf, names::DUMP_TASKS, &mut buffer)
+            .map_err(|e| CpuSourceError::Iterator(e.to_string()));
+        let mut in_progress_by_cpu = vec![0u64; self.topology.possible_cpus().max(1)];
+        if result.is_ok() {
+            for record in parse_records(&buffer) {
+                if record.in_progress_ns > 0
+                    && let Some(slot) = in_progress_by_cpu.get_mut(record.cpu as usize)
+                {
+                    *slot += record.in_progress_ns;
+                }
+                let usage = record_usage(&record, &self.topology);
+                match self.live.insert(usage.key.pid, usage.key.start_ns) {
+                    // The PID was reused: the old process is gone.
+                    Some(old_start) if old_start != usage.key.start_ns => {
+                        reading.exited.push(ProcessKey {
+                            pid: usage.key.pid,
+                            start_ns: old_start,
+                        });
+                    }
+                    _ => {}
+                }
+                reading.usage.push(usage);
+            }
+        }
+        self.buffer = buffer;
+        result?;
+
+        self.drain_exited(&mut reading)?;
+        if self.reads % LIVENESS_SWEEP_EVERY == 0 {
+            self.sweep_liveness(&mut reading);
+        }
+        merge_usage(&mut reading.usage);
+
+        let busy = self.read_busy_ns()?;
+        reading.busy_ns_by_cpu = busy
+            .iter()
+            .enumerate()
+            .map(|(cpu, now)| {
+                let before = self.last_busy_ns.get(cpu).copied().unwrap_or(0);
+                now.saturating_sub(before) + in_progress_by_cpu.get(cpu).copied().unwrap_or(0)
+            })
+            .collect();
+        self.last_busy_ns = busy;
+        reading.losses = self.read_losses()?;
+        Ok(reading)
+    }
+}
+
+fn map_error(map: &'static str, error: impl std::fmt::Display) -> CpuSourceError {
+    CpuSourceError::Map {
+        map,
+        message: error.to_string(),
+    }
+}
+
+fn load_iter(ebpf: &mut Ebpf, name: &'static str, btf: &Btf) -> Result<(), EbpfLoadError> {
+    let program: &mut Iter = ebpf
+        .program_mut(name)
+        .ok_or(EbpfLoadError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| EbpfLoadError::Program {
+            program: name,
+            source,
+        })?;
+    program
+        .load("task", btf)
+        .map_err(|source| EbpfLoadError::Program {
+            program: name,
+            source,
+        })
+}
+
+/// Runs a loaded task iterator once, appending its output to `out`.
+fn run_iter(ebpf: &mut Ebpf, name: &'static str, out: &mut Vec<u8>) -> Result<(), EbpfLoadError> {
+    let program: &mut Iter = ebpf
+        .program_mut(name)
+        .ok_or(EbpfLoadError::MissingProgram(name))?
+        .try_into()
+        .map_err(|source| EbpfLoadError::Program {
+            program: name,
+            source,
+        })?;
+    let link_id = program.attach().map_err(|source| EbpfLoadError::Program {
+        program: name,
+        source,
+    })?;
+    let link = program
+        .take_link(link_id)
+        .map_err(|source| EbpfLoadError::Program {
+            program: name,
+            source,
+        })?;
+    let mut file = link
+        .into_file()
+        .map_err(|e| EbpfLoadError::Iterator(e.to_string()))?;
+    file.read_to_end(out)
+        .map_err(|e| EbpfLoadError::Iterator(format!("reading {name}: {e}")))?;
+    Ok(())
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so a
+/// default limit of 64 KiB does not make loading fail. Harmless later.
+fn raise_memlock_limit() {
+    let limit = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid pointer.
+    let result = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) };
+    if result != 0 {
+        debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(tgid: u32, drained: [u64; MAX_SOCKETS], in_progress: u64, cpu: u32) -> TaskRecord {
+        TaskRecord {
+            tgid,
+            tid: tgid,
+            process_start_ns: 42,
+            cgroup_id: 9,
+            comm: *b"burn\0\0\0\0\0\0\0\0\0\0\0\0",
+            in_progress_ns: in_progress,
+            cpu,
+            _pad: 0,
+            drained_ns_by_socket: drained,
+        }
+    }
+
+    fn as_bytes(records: &[TaskRecord]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for r in records {
+            // SAFETY: plain-old-data struct.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    std::ptr::from_ref(r).cast::<u8>(),
+                    size_of::<TaskRecord>(),
+                )
+            };
+            out.extend_from_slice(bytes);
+        }
+        out
+    }
+
+    #[test]
+    fn parses_records_and_ignores_a_partial_tail() {
+        let records = [
+            record(1, [5; MAX_SOCKETS], 0, 0),
+            record(2, [0; MAX_SOCKETS], 7, 1),
+        ];
+        let mut bytes = as_bytes(&records);
+        bytes.extend_from_slice(&[1, 2, 3]);
+        let parsed: Vec<TaskRecord> = parse_records(&bytes).collect();
+        assert_eq!(parsed, records);
+    }
+
+    #[test]
+    fn in_progress_slice_goes_to_the_socket_of_its_cpu() {
+        let topology = Topology::from_sockets(vec![0, 0, 1, 1]);
+        let mut drained = [0; MAX_SOCKETS];
+        drained[0] = 100;
+        let usage = record_usage(&record(3, drained, 50, 2), &topology);
+        assert_eq!(usage.runtime_ns_by_socket[0], 100);
+        assert_eq!(usage.runtime_ns_by_socket[1], 50);
+        assert_eq!(usage.comm.as_str(), "burn");
+        assert_eq!(
+            usage.key,
+            ProcessKey {
+                pid: 3,
+                start_ns: 42
+            }
+        );
+    }
+
+    #[test]
+    fn offsets_of_the_running_kernel() {
+        let Ok(data) = std::fs::read("/sys/kernel/btf/vmlinux") else {
+            eprintln!("skipping: no kernel BTF readable here");
+            return;
+        };
+        let btf = btf::Btf::parse(&data).unwrap();
+        let offsets = kernel_offsets(&btf).unwrap();
+        assert!(offsets.task_sum_exec_runtime > 0);
+        assert_ne!(offsets.task_pid, offsets.task_tgid);
+    }
+}

@@ -1,0 +1,243 @@
+//! One immutable snapshot per interval, shared by `Arc` with every reader
+//! (the API, the table), which never block the collector.
+
+use std::{
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use serde::Serialize;
+
+use crate::{
+    accounting::Accounting,
+    cgroup::Workload,
+    cpu::{Comm, Method, ProcessKey, SocketNs, total_ns},
+};
+
+#[derive(Clone, Debug)]
+pub struct ProcessView {
+    pub key: ProcessKey,
+    pub comm: Comm,
+    pub cgroup_id: u64,
+    /// Index into `Snapshot::workloads`.
+    pub workload: usize,
+    pub cpu_ns_by_socket: SocketNs,
+    /// CPU time in the last interval (0 if it did not run).
+    pub interval_ns: u64,
+    pub first_seen: SystemTime,
+    pub last_seen: SystemTime,
+    pub exited: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct WorkloadView {
+    pub key: Arc<str>,
+    pub workload: Arc<Workload>,
+    pub cgroup_path: Option<String>,
+    pub cpu_ns_by_socket: SocketNs,
+    pub interval_ns: u64,
+    pub first_seen: SystemTime,
+    pub last_seen: SystemTime,
+    pub exited_at: Option<SystemTime>,
+    pub live_processes: u32,
+}
+
+/// State of an input, for `/healthz` and logs.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct SourceStatus {
+    pub name: String,
+    /// `ok`, `disabled` or `failing`.
+    pub status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct NodeView {
+    pub busy_ns_by_cpu: Vec<u64>,
+    pub idle_ns_by_cpu: Vec<u64>,
+    pub interval_busy_ns: u64,
+    pub interval_capacity_ns: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub sequence: u64,
+    pub generated_at: SystemTime,
+    pub started_at: SystemTime,
+    pub interval: Duration,
+    pub method: Method,
+    /// CPU sockets of this machine.
+    pub sockets: usize,
+    pub processes: Vec<ProcessView>,
+    pub workloads: Vec<WorkloadView>,
+    pub node: NodeView,
+    pub losses: Vec<(&'static str, u64)>,
+    pub sources: Vec<SourceStatus>,
+    /// Failed reads of the CPU source since start.
+    pub read_errors: u64,
+}
+
+impl Snapshot {
+    pub fn empty(method: Method, interval: Duration) -> Self {
+        let now = SystemTime::now();
+        Self {
+            sequence: 0,
+            generated_at: now,
+            started_at: now,
+            interval,
+            method,
+            sockets: 1,
+            processes: Vec::new(),
+            workloads: Vec::new(),
+            node: NodeView::default(),
+            losses: Vec::new(),
+            sources: Vec::new(),
+            read_errors: 0,
+        }
+    }
+
+    /// Builds the snapshot of the accounting's current state.
+    pub fn build(accounting: &Accounting, base: SnapshotBase) -> Self {
+        let seq = accounting.seq();
+        let mut workloads: Vec<WorkloadView> = accounting
+            .workloads()
+            .iter()
+            .map(|(key, w)| WorkloadView {
+                key: Arc::clone(key),
+                workload: Arc::clone(&w.workload),
+                cgroup_path: w.cgroup_path.clone(),
+                cpu_ns_by_socket: w.cpu_ns_by_socket,
+                interval_ns: if w.interval_seq == seq {
+                    w.interval_ns
+                } else {
+                    0
+                },
+                first_seen: w.first_seen,
+                last_seen: w.last_seen,
+                exited_at: w.exited_at,
+                live_processes: w.live_processes,
+            })
+            .collect();
+        workloads.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        let index_of = |key: &str| {
+            workloads
+                .binary_search_by(|w| (*w.key).cmp(key))
+                .unwrap_or(0)
+        };
+        let mut processes: Vec<ProcessView> = accounting
+            .processes()
+            .iter()
+            .map(|(key, p)| ProcessView {
+                key: *key,
+                comm: p.comm,
+                cgroup_id: p.cgroup_id,
+                workload: index_of(&p.workload_key),
+                cpu_ns_by_socket: p.cpu_ns_by_socket,
+                interval_ns: if p.interval_seq == seq {
+                    p.interval_ns
+                } else {
+                    0
+                },
+                first_seen: p.first_seen,
+                last_seen: p.last_seen,
+                exited: p.exited_at.is_some(),
+            })
+            .collect();
+        processes.sort_unstable_by_key(|p| p.key);
+        let node = accounting.node();
+        Self {
+            sequence: seq,
+            generated_at: base.generated_at,
+            started_at: base.started_at,
+            interval: base.interval,
+            method: base.method,
+            sockets: base.sockets,
+            processes,
+            workloads,
+            node: NodeView {
+                busy_ns_by_cpu: node.busy_ns_by_cpu.clone(),
+                idle_ns_by_cpu: node.idle_ns_by_cpu.clone(),
+                interval_busy_ns: node.interval_busy_ns,
+                interval_capacity_ns: node.interval_capacity_ns,
+            },
+            losses: base.losses,
+            sources: base.sources,
+            read_errors: base.read_errors,
+        }
+    }
+
+    pub fn containers(&self) -> impl Iterator<Item = &WorkloadView> {
+        self.workloads
+            .iter()
+            .filter(|w| matches!(*w.workload, Workload::Container { .. }))
+    }
+
+    /// A container by full id, or by a unique prefix of at least 12
+    /// characters (the short form `docker ps` and `crictl ps` print).
+    pub fn container(&self, id: &str) -> Option<&WorkloadView> {
+        let mut found = None;
+        for view in self.containers() {
+            if let Workload::Container { id: full, .. } = &*view.workload {
+                if full == id {
+                    return Some(view);
+                }
+                if id.len() >= 12 && full.starts_with(id) {
+                    if found.is_some() {
+                        return None; // ambiguous
+                    }
+                    found = Some(view);
+                }
+            }
+        }
+        found
+    }
+}
+
+/// What the collector adds to a snapshot beyond the accounting.
+pub struct SnapshotBase {
+    pub generated_at: SystemTime,
+    pub started_at: SystemTime,
+    pub interval: Duration,
+    pub method: Method,
+    pub sockets: usize,
+    pub losses: Vec<(&'static str, u64)>,
+    pub sources: Vec<SourceStatus>,
+    pub read_errors: u64,
+}
+
+/// Seconds from nanoseconds.
+pub fn seconds(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+pub fn total_seconds(by_socket: &SocketNs) -> f64 {
+    seconds(total_ns(by_socket))
+}
+
+/// The latest snapshot, swapped in whole by the collector.
+#[derive(Clone)]
+pub struct SharedSnapshot(Arc<RwLock<Arc<Snapshot>>>);
+
+impl SharedSnapshot {
+    pub fn new(initial: Snapshot) -> Self {
+        Self(Arc::new(RwLock::new(Arc::new(initial))))
+    }
+
+    pub fn latest(&self) -> Arc<Snapshot> {
+        // A poisoned lock only means a writer panicked mid-swap of an Arc,
+        // which cannot leave it half-written: keep serving.
+        match self.0.read() {
+            Ok(guard) => Arc::clone(&guard),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    pub fn publish(&self, snapshot: Snapshot) {
+        let snapshot = Arc::new(snapshot);
+        match self.0.write() {
+            Ok(mut guard) => *guard = snapshot,
+            Err(poisoned) => *poisoned.into_inner() = snapshot,
+        }
+    }
+}
