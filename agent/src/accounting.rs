@@ -17,7 +17,7 @@ use crate::{
 /// vanished before it could be looked up).
 pub struct Resolved {
     pub workload: Arc<Workload>,
-    pub path: Option<String>,
+    pub path: Option<Arc<str>>,
 }
 
 /// A stable key for a workload: `container:<id>`, `pod:<uid>`,
@@ -33,6 +33,7 @@ pub fn workload_key(workload: &Workload) -> String {
 pub struct ProcessEntry {
     pub comm: Comm,
     pub cgroup_id: u64,
+    pub cgroup_path: Option<Arc<str>>,
     pub workload_key: Arc<str>,
     pub cpu_ns_by_socket: SocketNs,
     /// CPU time in the interval numbered `interval_seq`.
@@ -46,7 +47,7 @@ pub struct ProcessEntry {
 #[derive(Clone, Debug)]
 pub struct WorkloadEntry {
     pub workload: Arc<Workload>,
-    pub cgroup_path: Option<String>,
+    pub cgroup_path: Option<Arc<str>>,
     pub cgroup_ids: Vec<u64>,
     pub cpu_ns_by_socket: SocketNs,
     pub interval_ns: u64,
@@ -120,7 +121,7 @@ impl Accounting {
     ) {
         self.seq += 1;
         let seq = self.seq;
-        let mut workload_keys: HashMap<u64, (Arc<str>, Arc<Workload>, Option<String>)> =
+        let mut workload_keys: HashMap<u64, (Arc<str>, Arc<Workload>, Option<Arc<str>>)> =
             HashMap::new();
         for usage in &reading.usage {
             let (key, workload, path) = workload_keys
@@ -166,7 +167,7 @@ impl Accounting {
             // name) is alive again.
             workload_entry.exited_at = None;
             if path.is_some() {
-                workload_entry.cgroup_path = path;
+                workload_entry.cgroup_path.clone_from(&path);
             }
             if !workload_entry.cgroup_ids.contains(&usage.cgroup_id) {
                 workload_entry.cgroup_ids.push(usage.cgroup_id);
@@ -179,6 +180,7 @@ impl Accounting {
                 ProcessEntry {
                     comm: usage.comm,
                     cgroup_id: usage.cgroup_id,
+                    cgroup_path: None,
                     workload_key: Arc::clone(&key),
                     cpu_ns_by_socket: [0; agent_common::MAX_SOCKETS],
                     interval_ns: 0,
@@ -207,6 +209,9 @@ impl Accounting {
             }
             process.interval_ns += delta;
             process.cgroup_id = usage.cgroup_id;
+            if path.is_some() {
+                process.cgroup_path = path;
+            }
             if usage.comm != Comm::default() {
                 process.comm = usage.comm;
             }
@@ -317,7 +322,7 @@ mod tests {
         };
         Resolved {
             workload: Arc::new(crate::cgroup::parse_cgroup_path(&path)),
-            path: Some(path),
+            path: Some(Arc::from(path)),
         }
     }
 

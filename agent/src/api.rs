@@ -253,7 +253,7 @@ struct ProcessJson<'a> {
     exited: bool,
 }
 
-fn process_json<'a>(snapshot: &'a Snapshot, process: &ProcessView) -> ProcessJson<'a> {
+fn process_json<'a>(snapshot: &'a Snapshot, process: &'a ProcessView) -> ProcessJson<'a> {
     let workload = snapshot.workloads.get(process.workload);
     let container_id = workload.and_then(|w| match &*w.workload {
         Workload::Container { id, .. } => Some(id.as_str()),
@@ -267,7 +267,7 @@ fn process_json<'a>(snapshot: &'a Snapshot, process: &ProcessView) -> ProcessJso
             .and_then(|w| w.workload.pod())
             .map(|p| p.uid.as_str()),
         workload: workload.map_or("host", |w| &*w.key),
-        cgroup_path: workload.and_then(|w| w.cgroup_path.as_deref()),
+        cgroup_path: process.cgroup_path.as_deref(),
         cpu_seconds: total_seconds(&process.cpu_ns_by_socket),
         cpu_seconds_by_socket: socket_seconds(&process.cpu_ns_by_socket, sockets(snapshot)),
         cpu_cores: cores(process.interval_ns, snapshot),

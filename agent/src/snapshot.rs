@@ -19,6 +19,7 @@ pub struct ProcessView {
     pub key: ProcessKey,
     pub comm: Comm,
     pub cgroup_id: u64,
+    pub cgroup_path: Option<Arc<str>>,
     /// Index into `Snapshot::workloads`.
     pub workload: usize,
     pub cpu_ns_by_socket: SocketNs,
@@ -33,7 +34,7 @@ pub struct ProcessView {
 pub struct WorkloadView {
     pub key: Arc<str>,
     pub workload: Arc<Workload>,
-    pub cgroup_path: Option<String>,
+    pub cgroup_path: Option<Arc<str>>,
     pub cpu_ns_by_socket: SocketNs,
     pub interval_ns: u64,
     pub first_seen: SystemTime,
@@ -132,6 +133,7 @@ impl Snapshot {
                 key: *key,
                 comm: p.comm,
                 cgroup_id: p.cgroup_id,
+                cgroup_path: p.cgroup_path.clone(),
                 workload: index_of(&p.workload_key),
                 cpu_ns_by_socket: p.cpu_ns_by_socket,
                 interval_ns: if p.interval_seq == seq {

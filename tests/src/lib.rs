@@ -1,1 +1,347 @@
+//! Support for the privileged integration tests: cgroups, workloads and a
+//! running agent, each cleaned up on drop (so also when a test panics).
 
+use std::{
+    fs::File,
+    io::Write as _,
+    net::TcpListener,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _, unix::process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+/// The cgroup v2 mount of this machine (pure v2 or hybrid).
+pub fn v2_root() -> PathBuf {
+    powerlens::cgroup::detect_v2_root(Path::new("/proc")).expect("a cgroup v2 hierarchy is mounted")
+}
+
+/// A random lowercase hex string of `len` characters (from the kernel's uuid source).
+pub fn random_hex(len: usize) -> String {
+    let mut out = String::new();
+    while out.len() < len {
+        let uuid = std::fs::read_to_string("/proc/sys/kernel/random/uuid").expect("uuid");
+        out.extend(uuid.trim().chars().filter(|c| *c != '-'));
+    }
+    out.truncate(len);
+    out
+}
+
+pub fn random_uuid() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+        .expect("uuid")
+        .trim()
+        .to_owned()
+}
+
+/// A cgroup (and any missing parents) created for a test, removed on drop
+/// after killing whatever still runs in it.
+pub struct TestCgroup {
+    pub path: PathBuf,
+    pub relative: String,
+    created: Vec<PathBuf>,
+}
+
+impl TestCgroup {
+    pub fn create(relative: &str) -> Self {
+        let root = v2_root();
+        let mut created = Vec::new();
+        let mut path = root.clone();
+        for component in relative.trim_matches('/').split('/') {
+            path.push(component);
+            if !path.exists() {
+                std::fs::create_dir(&path)
+                    .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
+                created.push(path.clone());
+            }
+        }
+        Self {
+            path,
+            relative: format!("/{}", relative.trim_matches('/')),
+            created,
+        }
+    }
+
+    /// The cgroup id (its directory's inode number).
+    pub fn id(&self) -> u64 {
+        std::fs::metadata(&self.path).expect("cgroup exists").ino()
+    }
+
+    fn procs(dir: &Path) -> Vec<i32> {
+        std::fs::read_to_string(dir.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for dir in self.created.iter().rev() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let pids = Self::procs(dir);
+                if pids.is_empty() || Instant::now() > deadline {
+                    break;
+                }
+                for pid in pids {
+                    // SAFETY: plain kill syscall.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if let Err(e) = std::fs::remove_dir(dir) {
+                eprintln!("warning: could not remove cgroup {}: {e}", dir.display());
+            }
+        }
+    }
+}
+
+/// The workload binary built with the tests.
+pub fn workload_binary() -> PathBuf {
+    sibling_binary("workload")
+}
+
+/// A binary of this workspace, next to the running test's directory
+/// (`target/<profile>/<name>`).
+pub fn sibling_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build it first (`cargo xtask test` builds the agent before the integration tests)",
+        path.display()
+    );
+    path
+}
+
+/// A child process killed and reaped on drop.
+pub struct ChildGuard {
+    pub child: Child,
+}
+
+impl ChildGuard {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain kill syscall on our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    pub fn wait_output(mut self) -> String {
+        let mut stdout = self.child.stdout.take().expect("piped stdout");
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut out).expect("read stdout");
+        let status = self.child.wait().expect("wait");
+        assert!(status.success(), "workload failed: {status}");
+        out
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `program args` already inside `cgroup` (it moves itself there
+/// between fork and exec, so none of its time is charged elsewhere).
+pub fn spawn_in(cgroup: Option<&TestCgroup>, program: &Path, args: &[&str]) -> ChildGuard {
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if let Some(cgroup) = cgroup {
+        let procs = File::options()
+            .write(true)
+            .open(cgroup.path.join("cgroup.procs"))
+            .expect("open cgroup.procs");
+        let fd = procs.as_raw_fd();
+        // SAFETY: between fork and exec we only call write(2) on an fd
+        // opened before the fork: async-signal-safe.
+        unsafe {
+            command.pre_exec(move || {
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                if written == 1 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let child = command.spawn().expect("spawn workload");
+        drop(procs);
+        return ChildGuard { child };
+    }
+    ChildGuard {
+        child: command.spawn().expect("spawn workload"),
+    }
+}
+
+/// Run time of one thread in ns, as the scheduler counts it.
+pub fn schedstat_ns(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).expect("schedstat");
+    text.split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("schedstat value")
+}
+
+/// Run time of all live threads of a process in ns.
+pub fn process_schedstat_ns(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("task dir")
+        .flatten()
+        .filter_map(|entry| std::fs::read_to_string(entry.path().join("schedstat")).ok())
+        .filter_map(|text| {
+            text.split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// A running `powerlens run`, stopped on drop.
+pub struct Agent {
+    child: Child,
+    pub base_url: String,
+    http: ureq::Agent,
+}
+
+impl Agent {
+    /// Starts the agent with a short interval and waits for its first snapshot.
+    pub fn start(extra_args: &[&str]) -> Self {
+        let port = {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("free port");
+            listener.local_addr().expect("addr").port()
+        };
+        let listen = format!("127.0.0.1:{port}");
+        let child = Command::new(sibling_binary("powerlens"))
+            .args([
+                "run",
+                "--no-table",
+                "--interval",
+                "250ms",
+                "--listen",
+                &listen,
+            ])
+            .args(extra_args)
+            .env(
+                "RUST_LOG",
+                std::env::var("POWERLENS_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start powerlens");
+        let http = ureq::Agent::new_with_config(
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(5)))
+                .build(),
+        );
+        let mut agent = Self {
+            child,
+            base_url: format!("http://{listen}"),
+            http,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = agent.child.try_wait().expect("try_wait") {
+                let mut stderr = String::new();
+                if let Some(mut pipe) = agent.child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+                }
+                panic!("powerlens exited early ({status}):\n{stderr}");
+            }
+            if let Ok((200, health)) = agent.try_get("/healthz")
+                && health["sequence"].as_u64().unwrap_or(0) >= 1
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "powerlens did not publish a snapshot within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Drain stderr in the background so the agent never blocks on it.
+        if let Some(mut pipe) = agent.child.stderr.take() {
+            std::thread::spawn(move || {
+                let mut sink = std::io::stderr();
+                let _ = std::io::copy(&mut pipe, &mut sink);
+                let _ = sink.flush();
+            });
+        }
+        agent
+    }
+
+    fn try_get(&self, path: &str) -> Result<(u16, Value), String> {
+        let mut response = self
+            .http
+            .get(&format!("{}{path}", self.base_url))
+            .call()
+            .map_err(|e| e.to_string())?;
+        let status = response.status().as_u16();
+        let body = response
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| e.to_string())?;
+        let value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+        Ok((status, value))
+    }
+
+    /// GET `path`, returning the status and the JSON body.
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        self.try_get(path)
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    pub fn sequence(&self) -> u64 {
+        self.get("/healthz").1["sequence"]
+            .as_u64()
+            .expect("sequence")
+    }
+
+    /// Waits until `n` more intervals have been published.
+    pub fn wait_intervals(&self, n: u64) {
+        let target = self.sequence() + n;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.sequence() < target {
+            assert!(Instant::now() < deadline, "agent stopped publishing");
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SAFETY: plain kill syscall on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Relative difference |a - b| / b.
+pub fn relative_error(measured: f64, expected: f64) -> f64 {
+    (measured - expected).abs() / expected.abs().max(f64::MIN_POSITIVE)
+}

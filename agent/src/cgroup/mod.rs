@@ -84,7 +84,7 @@ fn unescape_mountinfo(field: &str) -> String {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CgroupInfo {
     /// Path relative to the v2 root, starting with `/`.
-    pub path: String,
+    pub path: Arc<str>,
     pub workload: Arc<Workload>,
 }
 
@@ -98,6 +98,7 @@ pub struct CgroupResolver {
     by_id: HashMap<u64, CgroupInfo>,
     last_scan: Option<Instant>,
     min_rescan_interval: Duration,
+    scanned_this_round: bool,
     unknown: Arc<Workload>,
 }
 
@@ -108,6 +109,7 @@ impl CgroupResolver {
             by_id: HashMap::new(),
             last_scan: None,
             min_rescan_interval,
+            scanned_this_round: false,
             unknown: Arc::new(Workload::Host),
         }
     }
@@ -116,15 +118,25 @@ impl CgroupResolver {
         &self.root
     }
 
-    /// The cgroup's path and workload, walking the hierarchy again on a miss.
-    /// A cgroup that vanished before it was ever seen resolves to `None`.
+    /// Starts a round of lookups (one per interval): the first miss of a
+    /// round walks the hierarchy again, so a cgroup created since the last
+    /// walk is always found in the interval it first ran in.
+    pub fn new_round(&mut self) {
+        self.scanned_this_round = false;
+    }
+
+    /// The cgroup's path and workload, walking the hierarchy again on a miss
+    /// (once per round, and not more often than `min_rescan_interval` across
+    /// rounds). A cgroup that vanished before it was ever seen resolves to
+    /// `None`.
     pub fn resolve(&mut self, id: u64) -> Option<&CgroupInfo> {
-        if !self.by_id.contains_key(&id) {
+        if !self.by_id.contains_key(&id) && !self.scanned_this_round {
             let due = self
                 .last_scan
                 .is_none_or(|at| at.elapsed() >= self.min_rescan_interval);
             if due {
                 self.rescan();
+                self.scanned_this_round = true;
             }
         }
         self.by_id.get(&id)
@@ -150,7 +162,7 @@ impl CgroupResolver {
                 .entry(metadata.ino())
                 .or_insert_with(|| CgroupInfo {
                     workload: Arc::new(parse_cgroup_path(&relative)),
-                    path: relative.clone(),
+                    path: Arc::from(relative.as_str()),
                 });
             let Ok(entries) = std::fs::read_dir(&dir) else {
                 continue;
@@ -181,7 +193,7 @@ impl CgroupResolver {
         let normalized = if relative.is_empty() { "/" } else { relative };
         self.by_id.entry(id).or_insert_with(|| CgroupInfo {
             workload: Arc::new(parse_cgroup_path(normalized)),
-            path: normalized.to_owned(),
+            path: Arc::from(normalized),
         });
         Some(id)
     }
@@ -259,7 +271,7 @@ mod tests {
 
         let mut resolver = CgroupResolver::new(dir.path(), Duration::ZERO);
         let info = resolver.resolve(leaf_id).expect("resolved").clone();
-        assert_eq!(info.path, format!("/system.slice/docker-{id}.scope"));
+        assert_eq!(&*info.path, format!("/system.slice/docker-{id}.scope"));
         assert_eq!(info.workload.kind(), "container");
         assert!(resolver.still_exists(leaf_id));
 

@@ -1,0 +1,289 @@
+//! CPU attribution on the real kernel: the agent loads its programs into the
+//! running kernel, and its figures are compared with the kernel's own
+//! accounting. Needs root; run one at a time (`cargo xtask test` does).
+
+use std::time::Duration;
+
+use integration_tests::{
+    Agent, TestCgroup, process_schedstat_ns, random_hex, random_uuid, relative_error, schedstat_ns,
+    spawn_in, workload_binary,
+};
+use serde_json::Value;
+
+fn require_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping: needs root to load kernel programs and create cgroups");
+        return false;
+    }
+    true
+}
+
+fn find_process<'a>(list: &'a Value, pid: u32) -> &'a Value {
+    list.as_array()
+        .expect("process list")
+        .iter()
+        .find(|p| p["pid"].as_u64() == Some(u64::from(pid)))
+        .unwrap_or_else(|| panic!("pid {pid} not in {list}"))
+}
+
+fn kubernetes_cgroup(container_id: &str, pod_uid: &str) -> TestCgroup {
+    TestCgroup::create(&format!(
+        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{container_id}.scope",
+        pod_uid.replace('-', "_")
+    ))
+}
+
+#[test]
+fn processes_and_containers_match_the_kernels_own_run_time() {
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start(&["--method", "ebpf"]);
+    assert_eq!(agent.get("/healthz").1["method"], "ebpf");
+
+    let container_id = random_hex(64);
+    let pod_uid = random_uuid();
+    let cgroup = kubernetes_cgroup(&container_id, &pod_uid);
+    let elsewhere = TestCgroup::create(&format!("powerlens-test-{}.slice", random_hex(8)));
+    let workload = workload_binary();
+    let burners = [
+        spawn_in(Some(&cgroup), &workload, &["burn", "30"]),
+        spawn_in(Some(&cgroup), &workload, &["burn", "30"]),
+    ];
+    let half = spawn_in(Some(&elsewhere), &workload, &["half", "30"]);
+    std::thread::sleep(Duration::from_millis(3500));
+
+    // Freeze them so the kernel's figures and ours describe the same time:
+    // a stopped task switches out, and the next read drains its last slice.
+    for child in burners.iter().chain([&half]) {
+        child.signal(libc::SIGSTOP);
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    agent.wait_intervals(2);
+
+    let (status, processes) = agent.get(&format!("/api/v1/processes?container={container_id}"));
+    assert_eq!(status, 200, "{processes}");
+    let mut kernel_sum = 0.0;
+    for burner in &burners {
+        let kernel = schedstat_ns(burner.pid()) as f64 / 1e9;
+        kernel_sum += kernel;
+        let ours = find_process(&processes, burner.pid())["cpu_seconds"]
+            .as_f64()
+            .expect("cpu_seconds");
+        // 2%: the bar. Both figures come from the same
+        // sum_exec_runtime counter, so the only gap is what ran between
+        // the agent's start and the process's first switch (none here).
+        assert!(
+            relative_error(ours, kernel) < 0.02,
+            "pid {}: powerlens {ours:.4}s vs schedstat {kernel:.4}s",
+            burner.pid()
+        );
+        assert!(
+            kernel > 1.0,
+            "the burner ran only {kernel}s: machine overloaded?"
+        );
+    }
+    assert_eq!(
+        processes.as_array().map(Vec::len),
+        Some(2),
+        "only the two burners are in the container: {processes}"
+    );
+
+    let (status, container) = agent.get(&format!("/api/v1/containers/{container_id}"));
+    assert_eq!(status, 200, "{container}");
+    assert_eq!(container["container_id"], container_id.as_str());
+    assert_eq!(container["pod_uid"], pod_uid.as_str());
+    assert_eq!(container["pod_qos"], "burstable");
+    assert_eq!(container["runtime"], "containerd");
+    assert_eq!(container["method"], "ebpf");
+    assert_eq!(container["exited"], false);
+    assert_eq!(container["cgroup_path"], cgroup.relative.as_str());
+    let container_seconds = container["cpu_seconds"].as_f64().expect("cpu_seconds");
+    assert!(
+        relative_error(container_seconds, kernel_sum) < 0.02,
+        "container {container_seconds:.4}s vs sum of schedstat {kernel_sum:.4}s; workloads: {}",
+        agent.get("/api/v1/workloads").1
+    );
+
+    // The half-busy process elsewhere is attributed to its own cgroup.
+    let (_, all) = agent.get("/api/v1/processes");
+    let half_entry = find_process(&all, half.pid());
+    let half_kernel = schedstat_ns(half.pid()) as f64 / 1e9;
+    let half_ours = half_entry["cpu_seconds"].as_f64().expect("cpu_seconds");
+    assert!(
+        relative_error(half_ours, half_kernel) < 0.02,
+        "half-busy: powerlens {half_ours:.4}s vs schedstat {half_kernel:.4}s"
+    );
+    assert!(half_entry["container_id"].is_null());
+    assert_eq!(half_entry["cgroup_path"], elsewhere.relative.as_str());
+
+    // The node's busy and idle time covers the wall time of every CPU.
+    let (_, node) = agent.get("/api/v1/node");
+    let busy = node["cpu_busy_seconds"].as_f64().expect("busy");
+    let idle = node["cpu_idle_seconds"].as_f64().expect("idle");
+    assert!(
+        busy >= kernel_sum + half_kernel - 0.05,
+        "node busy {busy} below the workloads' {}",
+        kernel_sum + half_kernel
+    );
+    assert!(idle >= 0.0);
+}
+
+#[test]
+fn a_thousand_short_lived_processes_are_all_counted() {
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start(&["--method", "ebpf"]);
+    let container_id = random_hex(64);
+    let cgroup = TestCgroup::create(&format!("system.slice/docker-{container_id}.scope"));
+    let parent = spawn_in(Some(&cgroup), &workload_binary(), &["short", "1000", "3"]);
+    let output = parent.wait_output();
+    let field = |name: &str| -> f64 {
+        output
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in {output:?}"))
+            / 1e9
+    };
+    let children = field("children_ns");
+    let parent_self = field("self_ns");
+    agent.wait_intervals(3);
+
+    let (status, container) = agent.get(&format!("/api/v1/containers/{container_id}"));
+    assert_eq!(status, 200, "{container}");
+    assert_eq!(container["runtime"], "docker");
+    let ours = container["cpu_seconds"].as_f64().expect("cpu_seconds");
+    // At least 99% of the children's time (the bar); at most their
+    // time plus the parent's own (fork/wait) plus 2% for rounding of
+    // getrusage to microseconds.
+    assert!(
+        ours >= 0.99 * children,
+        "container {ours:.4}s < 99% of children's {children:.4}s"
+    );
+    assert!(
+        ours <= 1.02 * (children + parent_self),
+        "container {ours:.4}s > children {children:.4}s + parent {parent_self:.4}s"
+    );
+    assert!(
+        children > 2.5,
+        "1000 children x 3 ms should be about 3 s, got {children}"
+    );
+
+    // The parent has exited: the container is still queryable, and is
+    // reported exited once its cgroup is gone.
+    drop(cgroup);
+    std::thread::sleep(Duration::from_secs(6));
+    let (status, container) = agent.get(&format!("/api/v1/containers/{container_id}"));
+    assert_eq!(status, 200, "exited containers stay queryable: {container}");
+    assert_eq!(container["exited"], true, "{container}");
+}
+
+#[test]
+fn a_multi_threaded_process_is_one_process_with_the_sum_of_its_threads() {
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start(&["--method", "ebpf"]);
+    let container_id = random_hex(64);
+    let cgroup = TestCgroup::create(&format!("machine.slice/libpod-{container_id}.scope"));
+    let process = spawn_in(Some(&cgroup), &workload_binary(), &["threads", "4", "30"]);
+    std::thread::sleep(Duration::from_secs(3));
+    process.signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(50));
+    agent.wait_intervals(2);
+    let kernel = process_schedstat_ns(process.pid()) as f64 / 1e9;
+
+    let (status, processes) = agent.get(&format!("/api/v1/processes?container={container_id}"));
+    assert_eq!(status, 200, "{processes}");
+    let list = processes.as_array().expect("list");
+    assert_eq!(
+        list.len(),
+        1,
+        "threads must not show as processes: {processes}"
+    );
+    let ours = list[0]["cpu_seconds"].as_f64().expect("cpu_seconds");
+    assert!(
+        relative_error(ours, kernel) < 0.02,
+        "powerlens {ours:.4}s vs threads' schedstat {kernel:.4}s"
+    );
+    assert!(
+        kernel > 2.0,
+        "4 threads on this machine for 3 s should use > 2 s, got {kernel}"
+    );
+    let (_, container) = agent.get(&format!("/api/v1/containers/{container_id}"));
+    assert_eq!(container["runtime"], "podman");
+}
+
+#[test]
+fn when_the_kernel_refuses_the_programs_procfs_sampling_still_attributes_cpu() {
+    if !require_root() {
+        return;
+    }
+    // A BTF file that does not exist makes the loader fail before anything
+    // reaches the kernel: the agent must say why and carry on with procfs.
+    let agent = Agent::start(&["--btf-path", "/nonexistent/powerlens-test/vmlinux"]);
+    let (_, health) = agent.get("/healthz");
+    assert_eq!(health["method"], "procfs");
+    let ebpf = health["sources"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "cpu:ebpf"))
+        .unwrap_or_else(|| panic!("no cpu:ebpf source in {health}"));
+    assert_eq!(ebpf["status"], "failing");
+    assert!(
+        ebpf["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("/nonexistent/powerlens-test/vmlinux"),
+        "the reason names the missing BTF: {ebpf}"
+    );
+
+    let container_id = random_hex(64);
+    let cgroup = TestCgroup::create(&format!("system.slice/crio-{container_id}.scope"));
+    let burner = spawn_in(Some(&cgroup), &workload_binary(), &["burn", "30"]);
+    std::thread::sleep(Duration::from_secs(2));
+    burner.signal(libc::SIGSTOP);
+    agent.wait_intervals(2);
+    let kernel = schedstat_ns(burner.pid()) as f64 / 1e9;
+    let (status, container) = agent.get(&format!("/api/v1/containers/{container_id}"));
+    assert_eq!(status, 200, "{container}");
+    assert_eq!(container["method"], "procfs");
+    assert_eq!(container["runtime"], "cri-o");
+    let ours = container["cpu_seconds"].as_f64().expect("cpu_seconds");
+    // procfs counts in clock ticks (10 ms) and the first sample after the
+    // process appeared is its baseline: allow 10% + one interval (250 ms).
+    assert!(
+        (ours - kernel).abs() <= 0.10 * kernel + 0.25,
+        "procfs fallback {ours:.3}s vs schedstat {kernel:.3}s"
+    );
+}
+
+#[test]
+fn api_errors_are_json_with_the_right_status() {
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start(&[]);
+    let (status, body) = agent.get(&format!("/api/v1/containers/{}", random_hex(64)));
+    assert_eq!(status, 404);
+    assert!(body["error"].as_str().is_some(), "{body}");
+    let (status, body) = agent.get("/api/v1/containers/not%20valid!");
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = agent.get("/api/v1/processes?container=%2F%2F");
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = agent.get("/api/v1/processes?limit=-3");
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = agent.get("/api/v1/processes?bogus=1");
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("bogus"),
+        "{body}"
+    );
+    let (status, _) = agent.get("/api/v1/nothing-here");
+    assert_eq!(status, 404);
+    let (status, list) = agent.get("/api/v1/containers");
+    assert_eq!(status, 200);
+    assert!(list.is_array());
+}
