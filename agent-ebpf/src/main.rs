@@ -89,6 +89,12 @@ pub struct TaskStorage<T> {
 // never dereferenced.
 unsafe impl<T> Sync for TaskStorage<T> {}
 
+impl<T> Default for TaskStorage<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl<T> TaskStorage<T> {
     pub const fn new() -> Self {
         Self {
@@ -313,7 +319,7 @@ fn flush_exited(prev: *mut c_void, entry: *mut TaskRuntime, offsets: &KernelOffs
         _pad: 0,
         process_start_ns: process_start_ns(leader, offsets),
     };
-    if let Some(existing) = EXITED.get_ptr_mut(&key) {
+    if let Some(existing) = EXITED.get_ptr_mut(key) {
         add_exited(existing, &runtime_ns_by_socket);
         return;
     }
@@ -323,11 +329,11 @@ fn flush_exited(prev: *mut c_void, entry: *mut TaskRuntime, offsets: &KernelOffs
         comm: read_kernel(leader, offsets.task_comm).unwrap_or([0; COMM_LEN]),
         runtime_ns_by_socket,
     };
-    if EXITED.insert(&key, &value, BPF_NOEXIST as u64).is_ok() {
+    if EXITED.insert(key, value, BPF_NOEXIST as u64).is_ok() {
         return;
     }
     // Another thread of the process inserted first, or the map is full.
-    if let Some(existing) = EXITED.get_ptr_mut(&key) {
+    if let Some(existing) = EXITED.get_ptr_mut(key) {
         add_exited(existing, &runtime_ns_by_socket);
     } else {
         count_loss(LossCounter::ExitedMapFull, 1);
@@ -367,7 +373,7 @@ pub struct BpfIterTask {
 /// to report.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/task")]
-pub fn dump_tasks(ctx: *mut BpfIterTask) -> i32 {
+extern "C" fn dump_tasks(ctx: *mut BpfIterTask) -> i32 {
     // SAFETY: the kernel hands us a valid bpf_iter__task context.
     let (meta, task) = unsafe {
         (
@@ -450,7 +456,7 @@ fn cgroup_id_of(task: *const u8, offsets: &KernelOffsets) -> u64 {
 /// after it started (a daemon's hour of history is not one interval's work).
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/task")]
-pub fn baseline_tasks(ctx: *mut BpfIterTask) -> i32 {
+extern "C" fn baseline_tasks(ctx: *mut BpfIterTask) -> i32 {
     // SAFETY: the kernel hands us a valid bpf_iter__task context.
     let task = unsafe { ptr::read_volatile(&(*ctx).task) };
     if task.is_null() {

@@ -20,6 +20,9 @@ pub struct Resolved {
     pub path: Option<Arc<str>>,
 }
 
+/// (workload key, workload, cgroup path) of one cgroup.
+type ResolvedCgroup = (Arc<str>, Arc<Workload>, Option<Arc<str>>);
+
 /// A stable key for a workload: `container:<id>`, `pod:<uid>`,
 /// `service:<unit>` or `host`.
 pub fn workload_key(workload: &Workload) -> String {
@@ -121,8 +124,8 @@ impl Accounting {
     ) {
         self.seq += 1;
         let seq = self.seq;
-        let mut workload_keys: HashMap<u64, (Arc<str>, Arc<Workload>, Option<Arc<str>>)> =
-            HashMap::new();
+        // Each cgroup is resolved once per reading.
+        let mut workload_keys: HashMap<u64, ResolvedCgroup> = HashMap::new();
         for usage in &reading.usage {
             let (key, workload, path) = workload_keys
                 .entry(usage.cgroup_id)

@@ -19,7 +19,7 @@ fn require_root() -> bool {
     true
 }
 
-fn find_process<'a>(list: &'a Value, pid: u32) -> &'a Value {
+fn find_process(list: &Value, pid: u32) -> &Value {
     list.as_array()
         .expect("process list")
         .iter()

@@ -301,13 +301,15 @@ impl EbpfCpuSource {
                 *track = ExitedTrack::default();
             }
             let mut delta = [0u64; MAX_SOCKETS];
-            let mut grew = false;
-            for socket in 0..MAX_SOCKETS {
-                let now = value.runtime_ns_by_socket[socket];
-                delta[socket] = now.saturating_sub(track.reported[socket]);
-                grew |= delta[socket] > 0;
-                track.reported[socket] = track.reported[socket].max(now);
+            for ((delta, reported), now) in delta
+                .iter_mut()
+                .zip(track.reported.iter_mut())
+                .zip(value.runtime_ns_by_socket)
+            {
+                *delta = now.saturating_sub(*reported);
+                *reported = (*reported).max(now);
             }
+            let grew = delta.iter().any(|d| *d > 0);
             let process = ProcessKey {
                 pid: key.tgid,
                 start_ns: key.process_start_ns,
@@ -407,7 +409,7 @@ impl CpuTimeSource for EbpfCpuSource {
         result?;
 
         self.drain_exited(&mut reading)?;
-        if self.reads % LIVENESS_SWEEP_EVERY == 0 {
+        if self.reads.is_multiple_of(LIVENESS_SWEEP_EVERY) {
             self.sweep_liveness(&mut reading);
         }
         merge_usage(&mut reading.usage);
