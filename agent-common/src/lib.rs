@@ -73,21 +73,25 @@ pub struct KernelOffsets {
 
 /// Per-thread state kept in task-local storage by the `sched_switch` program.
 ///
-/// Each field has one writer discipline: `claimed_runtime_ns` moves forward by
-/// atomic exchange (switch path) or compare-and-swap (reader), so the switch
-/// path and a concurrent reader claim disjoint intervals of run time; the
-/// per-socket counters are added to atomically and drained by atomic exchange.
+/// The first two fields have one writer, the `sched_switch` program on the
+/// CPU the thread is leaving, so the hot path needs no atomic instruction.
+/// `reported_ns_by_socket` is moved forward with compare-and-swap by the
+/// task iterator and by the thread's last switch; everything between
+/// "reported" and "cumulative (+ the slice in progress)" is what the agent
+/// has not seen yet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TaskRuntime {
-    /// The thread's `sum_exec_runtime` up to which run time has been claimed.
-    pub claimed_runtime_ns: u64,
-    /// Claimed but not yet drained run time, per socket.
-    pub undrained_ns_by_socket: [u64; MAX_SOCKETS],
+    /// The thread's `sum_exec_runtime` at its last switch out.
+    pub last_runtime_ns: u64,
+    /// Run time charged at switches since the agent started, per socket.
+    pub cumulative_ns_by_socket: [u64; MAX_SOCKETS],
+    /// Run time already handed to the agent, per socket.
+    pub reported_ns_by_socket: [u64; MAX_SOCKETS],
 }
 
 /// One record written by the task iterator per thread that ran since the last
-/// read (drained run time or an in-progress slice).
+/// read or is running now.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TaskRecord {
@@ -98,11 +102,13 @@ pub struct TaskRecord {
     pub process_start_ns: u64,
     pub cgroup_id: u64,
     pub comm: [u8; COMM_LEN],
-    /// Run time of the slice in progress, claimed by this read, on `cpu`.
+    /// The thread is on `cpu` and has run this long since it was switched
+    /// in (already included in `runtime_ns_by_socket`).
     pub in_progress_ns: u64,
     pub cpu: u32,
     pub _pad: u32,
-    pub drained_ns_by_socket: [u64; MAX_SOCKETS],
+    /// Run time not reported before, per socket.
+    pub runtime_ns_by_socket: [u64; MAX_SOCKETS],
 }
 
 /// Key of the map of exited threads' last run time.

@@ -5,14 +5,16 @@
 //!
 //! * `sched_switch` (tp_btf) reads the outgoing thread's own scheduler run
 //!   time (`se.sum_exec_runtime`, what `/proc/<pid>/schedstat` reports) with
-//!   one kernel read, and claims the run time since its last claim into the
+//!   one direct load, and adds the slice since its last switch to the
 //!   thread's task-local storage, on the socket of the CPU it ran on. No
-//!   clock read, no hash map on the common path, no lock shared across CPUs.
-//! * `dump_tasks` (a task iterator) runs when the agent reads: it drains each
-//!   thread's claimed run time and claims the slice in progress, so a busy
-//!   loop that never switches out is counted too.
-//! * A thread's last switch (`TASK_DEAD`) moves what it has left into the
-//!   `EXITED` hash map, so short-lived processes are never lost.
+//!   clock read, no hash map, no atomic instruction, no lock shared across
+//!   CPUs: only the thread's own CPU writes those fields.
+//! * `dump_tasks` (a task iterator) runs when the agent reads: it reports
+//!   each thread's run time (the slice in progress included, so a busy loop
+//!   that never switches out is counted) beyond what it reported before,
+//!   moving the per-thread "reported" mark with compare-and-swap.
+//! * A thread's last switch (`TASK_DEAD`) moves what was never reported into
+//!   the `EXITED` hash map, so short-lived processes are never lost.
 //!
 //! Offsets into kernel structures come from the running kernel's BTF, read
 //! by the agent and set as read-only globals before the programs load.
@@ -150,11 +152,16 @@ static LOSS_COUNTERS: PerCpuArray<u64, { LossCounter::COUNT as usize }> = PerCpu
 // ---------------------------------------------------------------------------
 // Small helpers.
 
-#[inline(always)]
-fn offsets() -> KernelOffsets {
-    // SAFETY: a plain read of our own static; volatile so the compiler does
-    // not fold the zeroes above into the code (the agent rewrites them).
-    unsafe { ptr::read_volatile(&OFFSETS) }
+/// One offset from `OFFSETS`, loaded from the read-only map at the point of
+/// use: the verifier then knows its value, which direct loads through BTF
+/// pointers need (a copy on the stack would lose that). Volatile so the
+/// compiler does not fold the zeroes above into the code (the agent rewrites
+/// them before loading).
+macro_rules! offset {
+    ($field:ident) => {
+        // SAFETY: a plain read of our own static.
+        unsafe { ptr::read_volatile(&raw const OFFSETS.$field) }
+    };
 }
 
 #[inline(always)]
@@ -208,12 +215,6 @@ impl AtomicSlot {
     }
 
     #[inline(always)]
-    fn swap(self, value: u64) -> u64 {
-        // SAFETY: see the type's comment.
-        unsafe { intrinsics::atomic_xchg::<u64, { Relaxed }>(self.0, value) }
-    }
-
-    #[inline(always)]
     fn fetch_add(self, value: u64) {
         // SAFETY: see the type's comment.
         unsafe { intrinsics::atomic_xadd::<u64, u64, { Relaxed }>(self.0, value) };
@@ -227,6 +228,18 @@ impl AtomicSlot {
     }
 }
 
+/// A direct load of a field of a kernel object reached through a BTF-typed
+/// pointer (a program argument, or a pointer loaded from one): the verifier
+/// checks `offset` against the object's layout and the JIT turns it into a
+/// plain load that cannot fault, where `bpf_probe_read_kernel` is a helper
+/// call. The offsets come from the running kernel's BTF.
+#[inline(always)]
+fn field<T>(object: *const u8, offset: u32) -> T {
+    // SAFETY: see above; the verifier rejects the program if the offset is
+    // not a `T`-sized member of the pointed-to type.
+    unsafe { ptr::read_volatile(object.add(offset as usize).cast::<T>()) }
+}
+
 #[inline(always)]
 fn atomic(slot: *mut u64) -> AtomicSlot {
     AtomicSlot(slot)
@@ -234,15 +247,15 @@ fn atomic(slot: *mut u64) -> AtomicSlot {
 
 /// The thread-group leader of `task` (the task itself when it leads).
 #[inline(always)]
-fn group_leader(task: *const u8, offsets: &KernelOffsets) -> *const u8 {
-    read_kernel(task, offsets.task_group_leader).unwrap_or(task)
+fn group_leader(task: *const u8) -> *const u8 {
+    field(task, offset!(task_group_leader))
 }
 
 /// The leader's start time (boot-based, like `/proc/<pid>/stat`): with the
 /// tgid it names a process, so a reused PID never merges two processes.
 #[inline(always)]
-fn process_start_ns(leader: *const u8, offsets: &KernelOffsets) -> u64 {
-    read_kernel(leader, offsets.task_start_boottime).unwrap_or(0)
+fn process_start_ns(leader: *const u8) -> u64 {
+    field(leader, offset!(task_start_boottime))
 }
 
 // ---------------------------------------------------------------------------
@@ -260,10 +273,7 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
 
 #[inline(always)]
 fn on_switch_out(prev: *mut c_void, prev_state: u32) {
-    let offsets = offsets();
-    let Some(runtime) = read_kernel::<u64>(prev.cast(), offsets.task_sum_exec_runtime) else {
-        return;
-    };
+    let runtime: u64 = field(prev.cast(), offset!(task_sum_exec_runtime));
     // The idle threads keep no run time of their own; nothing to charge.
     if runtime == 0 {
         return;
@@ -272,52 +282,66 @@ fn on_switch_out(prev: *mut c_void, prev_state: u32) {
         count_loss(LossCounter::TaskStorageFull, 1);
         return;
     };
-    // SAFETY: entry is this thread's storage; fields are 8-byte aligned.
-    let claimed = atomic(unsafe { &raw mut (*entry).claimed_runtime_ns });
-    // Exchange, not store: a reader may have claimed part of this slice
-    // concurrently (compare-and-swap on the same word); each side charges
-    // only the interval it moved the mark over.
-    let previous = claimed.swap(runtime);
-    if runtime > previous {
-        let slice = runtime - previous;
-        // SAFETY: a plain helper without arguments.
+    // SAFETY: entry is this thread's storage, written on this path only by
+    // the CPU the thread is switching out of.
+    let entry = unsafe { &mut *entry };
+    if runtime > entry.last_runtime_ns {
+        let slice = runtime - entry.last_runtime_ns;
+        // SAFETY: a helper without arguments (inlined by the verifier).
         let cpu = unsafe { bpf_get_smp_processor_id() };
-        let socket = socket_of(cpu);
-        // SAFETY: socket < MAX_SOCKETS.
-        let undrained = unsafe { &raw mut (*entry).undrained_ns_by_socket[socket] };
-        atomic(undrained).fetch_add(slice);
+        entry.cumulative_ns_by_socket[socket_of(cpu)] += slice;
         if let Some(busy) = CPU_BUSY_NS.get_ptr_mut(0) {
             // SAFETY: this CPU's slot.
             unsafe { *busy += slice };
         }
     }
+    entry.last_runtime_ns = runtime;
     if prev_state & TASK_DEAD != 0 {
-        flush_exited(prev, entry, &offsets);
+        flush_exited(prev, entry);
     }
 }
 
-/// The thread is switching out for the last time: move what it has not
-/// handed to the agent into `EXITED` before its storage is freed.
-/// `current` is still `prev` here (the tracepoint fires before the switch).
+/// Moves the reported mark of one socket up to `total` (compare-and-swap:
+/// the iterator and a thread's last switch may race on it) and returns how
+/// much was not reported before.
+#[inline(always)]
+fn report_up_to(reported: *mut u64, total: u64) -> u64 {
+    let slot = atomic(reported);
+    // Bounded retries keep the verifier happy; losing the race twice in a row
+    // means the other side reported it.
+    for _ in 0..2 {
+        let before = slot.load();
+        if total <= before {
+            return 0;
+        }
+        if slot.compare_exchange(before, total) {
+            return total - before;
+        }
+    }
+    0
+}
+
+/// The thread is switching out for the last time: move what was never
+/// reported into `EXITED` before its storage is freed. `current` is still
+/// `prev` here (the tracepoint fires before the switch).
 #[inline(never)]
-fn flush_exited(prev: *mut c_void, entry: *mut TaskRuntime, offsets: &KernelOffsets) {
+fn flush_exited(prev: *mut c_void, entry: &mut TaskRuntime) {
     let mut runtime_ns_by_socket = [0u64; MAX_SOCKETS];
     let mut total = 0u64;
     for (socket, out) in runtime_ns_by_socket.iter_mut().enumerate() {
-        // SAFETY: socket < MAX_SOCKETS.
-        let undrained = unsafe { &raw mut (*entry).undrained_ns_by_socket[socket] };
-        *out = atomic(undrained).swap(0);
+        let cumulative = entry.cumulative_ns_by_socket[socket];
+        *out = report_up_to(&raw mut entry.reported_ns_by_socket[socket], cumulative);
         total += *out;
     }
     if total == 0 {
         return;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let leader = group_leader(prev.cast(), offsets);
+    let leader = group_leader(prev.cast());
     let key = ExitedKey {
         tgid,
         _pad: 0,
-        process_start_ns: process_start_ns(leader, offsets),
+        process_start_ns: process_start_ns(leader),
     };
     if let Some(existing) = EXITED.get_ptr_mut(key) {
         add_exited(existing, &runtime_ns_by_socket);
@@ -326,7 +350,7 @@ fn flush_exited(prev: *mut c_void, entry: *mut TaskRuntime, offsets: &KernelOffs
     let value = ExitedValue {
         // SAFETY: plain helper calls about `current`.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
-        comm: read_kernel(leader, offsets.task_comm).unwrap_or([0; COMM_LEN]),
+        comm: read_kernel(leader, offset!(task_comm)).unwrap_or([0; COMM_LEN]),
         runtime_ns_by_socket,
     };
     if EXITED.insert(key, value, BPF_NOEXIST as u64).is_ok() {
@@ -368,9 +392,9 @@ pub struct BpfIterTask {
     task: *mut c_void,
 }
 
-/// Drains every thread's claimed run time, and claims the slice in progress
-/// of threads on a CPU now. Writes one `TaskRecord` per thread with anything
-/// to report.
+/// Reports every thread's run time beyond what it reported before, the
+/// slice in progress included. Writes one `TaskRecord` per thread with
+/// anything new or on a CPU now.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/task")]
 extern "C" fn dump_tasks(ctx: *mut BpfIterTask) -> i32 {
@@ -384,7 +408,6 @@ extern "C" fn dump_tasks(ctx: *mut BpfIterTask) -> i32 {
     if task.is_null() {
         return 0;
     }
-    let offsets = offsets();
     // A thread without storage has not switched out since the agent started
     // (or was created since): its whole run time is new, so a zeroed entry
     // is right.
@@ -393,37 +416,44 @@ extern "C" fn dump_tasks(ctx: *mut BpfIterTask) -> i32 {
         return 0;
     };
     let mut record: TaskRecord = unsafe { MaybeUninit::zeroed().assume_init() };
-    let mut anything = false;
-
-    if let Some(runtime) = read_kernel::<u64>(task.cast(), offsets.task_sum_exec_runtime) {
-        // SAFETY: entry is a live storage value.
-        let claimed = atomic(unsafe { &raw mut (*entry).claimed_runtime_ns });
-        let seen = claimed.load();
-        if runtime > seen && claimed.compare_exchange(seen, runtime) {
-            record.in_progress_ns = runtime - seen;
-            record.cpu = read_kernel::<u32>(task.cast(), offsets.task_cpu).unwrap_or(0);
-            anything = true;
-        }
+    let task_ptr: *const u8 = task.cast();
+    // SAFETY: entry is a live storage value; the switch path may write the
+    // first two fields concurrently (aligned 8-byte loads never tear; a
+    // momentarily inconsistent pair over-reports one slice early, which the
+    // monotonic reported mark absorbs later).
+    let (last, mut totals) = unsafe {
+        (
+            ptr::read_volatile(&raw const (*entry).last_runtime_ns),
+            ptr::read_volatile(&raw const (*entry).cumulative_ns_by_socket),
+        )
+    };
+    // The slice in progress: scheduler run time not yet seen at a switch.
+    // `sum_exec_runtime` of a running task is updated at every tick.
+    let runtime: u64 = field(task_ptr, offset!(task_sum_exec_runtime));
+    if runtime > last {
+        record.in_progress_ns = runtime - last;
+        record.cpu = field(task_ptr, offset!(task_cpu));
+        totals[socket_of(record.cpu)] += record.in_progress_ns;
     }
-    for socket in 0..MAX_SOCKETS {
-        // SAFETY: entry is a live storage value; socket < MAX_SOCKETS.
-        let undrained = unsafe { &raw mut (*entry).undrained_ns_by_socket[socket] };
-        let drained = atomic(undrained).swap(0);
-        record.drained_ns_by_socket[socket] = drained;
-        anything |= drained != 0;
+    let mut anything = record.in_progress_ns > 0;
+    for (socket, total) in totals.iter().enumerate() {
+        // SAFETY: socket < MAX_SOCKETS.
+        let reported = unsafe { &raw mut (*entry).reported_ns_by_socket[socket] };
+        let delta = report_up_to(reported, *total);
+        record.runtime_ns_by_socket[socket] = delta;
+        anything |= delta != 0;
     }
     if !anything {
         return 0;
     }
-    let task_ptr: *const u8 = task.cast();
-    record.tid = read_kernel(task_ptr, offsets.task_pid).unwrap_or(0);
-    record.tgid = read_kernel(task_ptr, offsets.task_tgid).unwrap_or(0);
-    let leader = group_leader(task_ptr, &offsets);
-    record.process_start_ns = process_start_ns(leader, &offsets);
+    record.tid = field(task_ptr, offset!(task_pid));
+    record.tgid = field(task_ptr, offset!(task_tgid));
+    let leader = group_leader(task_ptr);
+    record.process_start_ns = process_start_ns(leader);
     // The leader's name: thread names ("tokio-runtime-w") would hide the
     // program.
-    record.comm = read_kernel(leader, offsets.task_comm).unwrap_or([0; COMM_LEN]);
-    record.cgroup_id = cgroup_id_of(task_ptr, &offsets);
+    record.comm = read_kernel(leader, offset!(task_comm)).unwrap_or([0; COMM_LEN]);
+    record.cgroup_id = cgroup_id_of(task_ptr);
     // SAFETY: meta is valid for this call; the record lives on our stack.
     unsafe {
         let seq = ptr::read_volatile(&(*meta).seq);
@@ -438,21 +468,15 @@ extern "C" fn dump_tasks(ctx: *mut BpfIterTask) -> i32 {
 
 /// task->cgroups->dfl_cgrp->kn->id: the thread's cgroup on the v2 hierarchy.
 #[inline(always)]
-fn cgroup_id_of(task: *const u8, offsets: &KernelOffsets) -> u64 {
-    let Some(css_set) = read_kernel::<*const u8>(task, offsets.task_cgroups) else {
-        return 0;
-    };
-    let Some(cgroup) = read_kernel::<*const u8>(css_set, offsets.css_set_dfl_cgrp) else {
-        return 0;
-    };
-    let Some(kernfs_node) = read_kernel::<*const u8>(cgroup, offsets.cgroup_kn) else {
-        return 0;
-    };
-    read_kernel(kernfs_node, offsets.kernfs_node_id).unwrap_or(0)
+fn cgroup_id_of(task: *const u8) -> u64 {
+    let css_set: *const u8 = field(task, offset!(task_cgroups));
+    let cgroup: *const u8 = field(css_set, offset!(css_set_dfl_cgrp));
+    let kernfs_node: *const u8 = field(cgroup, offset!(cgroup_kn));
+    field(kernfs_node, offset!(kernfs_node_id))
 }
 
 /// Runs once before `sched_switch` is attached: marks every existing
-/// thread's run time so far as claimed, so powerlens charges only what runs
+/// thread's run time so far as seen, so powerlens charges only what runs
 /// after it started (a daemon's hour of history is not one interval's work).
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/task")]
@@ -462,17 +486,18 @@ extern "C" fn baseline_tasks(ctx: *mut BpfIterTask) -> i32 {
     if task.is_null() {
         return 0;
     }
-    let offsets = offsets();
-    let Some(runtime) = read_kernel::<u64>(task.cast(), offsets.task_sum_exec_runtime) else {
-        return 0;
-    };
+    let runtime: u64 = field(task.cast(), offset!(task_sum_exec_runtime));
     let Some(entry) = TASK_RUNTIME.get(task, true) else {
         count_loss(LossCounter::TaskStorageFull, 1);
         return 0;
     };
-    // SAFETY: entry is a live storage value.
-    let claimed = atomic(unsafe { &raw mut (*entry).claimed_runtime_ns });
-    claimed.compare_exchange(0, runtime);
+    // SAFETY: entry is a live storage value; sched_switch is not attached
+    // yet, so nothing else writes it.
+    unsafe {
+        if (*entry).last_runtime_ns == 0 {
+            (*entry).last_runtime_ns = runtime;
+        }
+    }
     0
 }
 

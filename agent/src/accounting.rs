@@ -3,10 +3,11 @@
 //! as closures, so the bookkeeping is tested without a kernel.
 
 use std::{
-    collections::HashMap,
     sync::Arc,
     time::{Duration, SystemTime},
 };
+
+use rustc_hash::FxHashMap;
 
 use crate::{
     cgroup::Workload,
@@ -19,9 +20,6 @@ pub struct Resolved {
     pub workload: Arc<Workload>,
     pub path: Option<Arc<str>>,
 }
-
-/// (workload key, workload, cgroup path) of one cgroup.
-type ResolvedCgroup = (Arc<str>, Arc<Workload>, Option<Arc<str>>);
 
 /// A stable key for a workload: `container:<id>`, `pod:<uid>`,
 /// `service:<unit>` or `host`.
@@ -37,7 +35,8 @@ pub struct ProcessEntry {
     pub comm: Comm,
     pub cgroup_id: u64,
     pub cgroup_path: Option<Arc<str>>,
-    pub workload_key: Arc<str>,
+    /// Slot of the process's workload in `Accounting::workload_slots`.
+    pub workload: usize,
     pub cpu_ns_by_socket: SocketNs,
     /// CPU time in the interval numbered `interval_seq`.
     pub interval_ns: u64,
@@ -49,6 +48,7 @@ pub struct ProcessEntry {
 
 #[derive(Clone, Debug)]
 pub struct WorkloadEntry {
+    pub key: Arc<str>,
     pub workload: Arc<Workload>,
     pub cgroup_path: Option<Arc<str>>,
     pub cgroup_ids: Vec<u64>,
@@ -74,8 +74,14 @@ pub struct NodeCpu {
 }
 
 pub struct Accounting {
-    processes: HashMap<ProcessKey, ProcessEntry>,
-    workloads: HashMap<Arc<str>, WorkloadEntry>,
+    processes: FxHashMap<ProcessKey, ProcessEntry>,
+    /// Workloads in stable slots, so a process refers to its workload by
+    /// index; freed slots (`None`) are reused.
+    workload_slots: Vec<Option<WorkloadEntry>>,
+    workload_index: FxHashMap<Arc<str>, usize>,
+    free_slots: Vec<usize>,
+    /// Workload slot of each cgroup id seen.
+    cgroup_slots: FxHashMap<u64, (usize, Option<Arc<str>>)>,
     node: NodeCpu,
     retention: Duration,
     /// How often a workload without live processes is checked for its
@@ -87,8 +93,11 @@ pub struct Accounting {
 impl Accounting {
     pub fn new(retention: Duration) -> Self {
         Self {
-            processes: HashMap::new(),
-            workloads: HashMap::new(),
+            processes: FxHashMap::default(),
+            workload_slots: Vec::new(),
+            workload_index: FxHashMap::default(),
+            free_slots: Vec::new(),
+            cgroup_slots: FxHashMap::default(),
             node: NodeCpu::default(),
             retention,
             existence_check_every: Duration::from_secs(5),
@@ -101,12 +110,56 @@ impl Accounting {
         self.seq
     }
 
-    pub fn processes(&self) -> &HashMap<ProcessKey, ProcessEntry> {
+    pub fn processes(&self) -> &FxHashMap<ProcessKey, ProcessEntry> {
         &self.processes
     }
 
-    pub fn workloads(&self) -> &HashMap<Arc<str>, WorkloadEntry> {
-        &self.workloads
+    /// Workload slots; a process's `workload` indexes this.
+    pub fn workload_slots(&self) -> &[Option<WorkloadEntry>] {
+        &self.workload_slots
+    }
+
+    pub fn workloads(&self) -> impl Iterator<Item = &WorkloadEntry> {
+        self.workload_slots.iter().flatten()
+    }
+
+    pub fn workload(&self, key: &str) -> Option<&WorkloadEntry> {
+        self.workload_index
+            .get(key)
+            .and_then(|slot| self.workload_slots[*slot].as_ref())
+    }
+
+    /// The slot of the workload with `key`, created if new.
+    fn workload_slot(&mut self, key: Arc<str>, workload: Arc<Workload>, now: SystemTime) -> usize {
+        if let Some(slot) = self.workload_index.get(&key) {
+            return *slot;
+        }
+        let entry = WorkloadEntry {
+            key: Arc::clone(&key),
+            workload,
+            cgroup_path: None,
+            cgroup_ids: Vec::new(),
+            cpu_ns_by_socket: [0; agent_common::MAX_SOCKETS],
+            interval_ns: 0,
+            interval_seq: 0,
+            first_seen: now,
+            last_seen: now,
+            exited_at: None,
+            live_processes: 0,
+            last_existence_check: None,
+        };
+        let slot = match self.free_slots.pop() {
+            Some(slot) => {
+                self.workload_slots[slot] = Some(entry);
+                slot
+            }
+            None => {
+                self.workload_slots.push(Some(entry));
+                self.workload_slots.len() - 1
+            }
+        };
+        self.workload_index.insert(key, slot);
+        slot
     }
 
     pub fn node(&self) -> &NodeCpu {
@@ -124,42 +177,28 @@ impl Accounting {
     ) {
         self.seq += 1;
         let seq = self.seq;
-        // Each cgroup is resolved once per reading.
-        let mut workload_keys: HashMap<u64, ResolvedCgroup> = HashMap::new();
         for usage in &reading.usage {
-            let (key, workload, path) = workload_keys
-                .entry(usage.cgroup_id)
-                .or_insert_with(|| {
+            // Each cgroup is resolved once, when first seen.
+            let (slot, path) = match self.cgroup_slots.get(&usage.cgroup_id) {
+                Some((slot, path)) if self.workload_slots[*slot].is_some() => (*slot, path.clone()),
+                _ => {
                     let resolved = resolve(usage.cgroup_id);
-                    (
-                        Arc::from(workload_key(&resolved.workload)),
-                        resolved.workload,
-                        resolved.path,
-                    )
-                })
-                .clone();
+                    let key = Arc::from(workload_key(&resolved.workload));
+                    let slot = self.workload_slot(key, resolved.workload, now);
+                    // An unresolved cgroup is looked up again next time.
+                    if resolved.path.is_some() {
+                        self.cgroup_slots
+                            .insert(usage.cgroup_id, (slot, resolved.path.clone()));
+                    }
+                    (slot, resolved.path)
+                }
+            };
             let delta = total_ns(&usage.runtime_ns_by_socket);
 
-            let workload_entry =
-                self.workloads
-                    .entry(Arc::clone(&key))
-                    .or_insert_with(|| WorkloadEntry {
-                        workload,
-                        cgroup_path: None,
-                        cgroup_ids: Vec::new(),
-                        cpu_ns_by_socket: [0; agent_common::MAX_SOCKETS],
-                        interval_ns: 0,
-                        interval_seq: 0,
-                        first_seen: now,
-                        last_seen: now,
-                        exited_at: None,
-                        live_processes: 0,
-                        last_existence_check: None,
-                    });
-            add_socket_ns(
-                &mut workload_entry.cpu_ns_by_socket,
-                &usage.runtime_ns_by_socket,
-            );
+            let Some(workload_entry) = self.workload_slots[slot].as_mut() else {
+                continue;
+            };
+            add_socket_ns(&mut workload_entry.cpu_ns_by_socket, &usage.runtime_ns_by_socket);
             if workload_entry.interval_seq != seq {
                 workload_entry.interval_seq = seq;
                 workload_entry.interval_ns = 0;
@@ -169,22 +208,22 @@ impl Accounting {
             // A workload that runs again (a restarted unit, a reused cgroup
             // name) is alive again.
             workload_entry.exited_at = None;
-            if path.is_some() {
+            if path.is_some() && workload_entry.cgroup_path != path {
                 workload_entry.cgroup_path.clone_from(&path);
             }
             if !workload_entry.cgroup_ids.contains(&usage.cgroup_id) {
                 workload_entry.cgroup_ids.push(usage.cgroup_id);
             }
 
+            let mut moved_from = None;
+            let mut is_new = false;
             let process = self.processes.entry(usage.key).or_insert_with(|| {
-                if let Some(w) = self.workloads.get_mut(&key) {
-                    w.live_processes += 1;
-                }
+                is_new = true;
                 ProcessEntry {
                     comm: usage.comm,
                     cgroup_id: usage.cgroup_id,
                     cgroup_path: None,
-                    workload_key: Arc::clone(&key),
+                    workload: slot,
                     cpu_ns_by_socket: [0; agent_common::MAX_SOCKETS],
                     interval_ns: 0,
                     interval_seq: 0,
@@ -193,17 +232,11 @@ impl Accounting {
                     exited_at: None,
                 }
             });
-            if process.workload_key != key {
-                // Moved to another cgroup: the live count follows it.
+            if process.workload != slot {
                 if process.exited_at.is_none() {
-                    if let Some(old) = self.workloads.get_mut(&process.workload_key) {
-                        old.live_processes = old.live_processes.saturating_sub(1);
-                    }
-                    if let Some(new) = self.workloads.get_mut(&key) {
-                        new.live_processes += 1;
-                    }
+                    moved_from = Some(process.workload);
                 }
-                process.workload_key = Arc::clone(&key);
+                process.workload = slot;
             }
             add_socket_ns(&mut process.cpu_ns_by_socket, &usage.runtime_ns_by_socket);
             if process.interval_seq != seq {
@@ -212,13 +245,24 @@ impl Accounting {
             }
             process.interval_ns += delta;
             process.cgroup_id = usage.cgroup_id;
-            if path.is_some() {
-                process.cgroup_path = path;
-            }
             if usage.comm != Comm::default() {
                 process.comm = usage.comm;
             }
+            if path.is_some() && process.cgroup_path != path {
+                process.cgroup_path = path;
+            }
             process.last_seen = now;
+            let alive = process.exited_at.is_none();
+
+            // The live count follows the process (new, or moved cgroups).
+            if is_new || moved_from.is_some() {
+                if let Some(old) = moved_from.and_then(|s| self.workload_slots[s].as_mut()) {
+                    old.live_processes = old.live_processes.saturating_sub(1);
+                }
+                if alive && let Some(new) = self.workload_slots[slot].as_mut() {
+                    new.live_processes += 1;
+                }
+            }
         }
 
         for key in &reading.exited {
@@ -226,7 +270,7 @@ impl Accounting {
                 && process.exited_at.is_none()
             {
                 process.exited_at = Some(now);
-                if let Some(w) = self.workloads.get_mut(&process.workload_key) {
+                if let Some(w) = self.workload_slots[process.workload].as_mut() {
                     w.live_processes = w.live_processes.saturating_sub(1);
                 }
             }
@@ -263,7 +307,7 @@ impl Accounting {
     /// Marks workloads whose cgroups are gone and that have no live process
     /// as exited, and forgets what exited longer than the retention ago.
     pub fn retire(&mut self, now: SystemTime, cgroup_exists: &mut dyn FnMut(u64) -> bool) {
-        for entry in self.workloads.values_mut() {
+        for entry in self.workload_slots.iter_mut().flatten() {
             if entry.exited_at.is_some()
                 || entry.live_processes > 0
                 || matches!(*entry.workload, Workload::Host)
@@ -286,7 +330,19 @@ impl Accounting {
             exited_at.is_some_and(|at| now.duration_since(at).unwrap_or_default() > retention)
         };
         self.processes.retain(|_, p| !expired(p.exited_at));
-        self.workloads.retain(|_, w| !expired(w.exited_at));
+        for slot in 0..self.workload_slots.len() {
+            if self.workload_slots[slot]
+                .as_ref()
+                .is_some_and(|w| expired(w.exited_at))
+            {
+                if let Some(entry) = self.workload_slots[slot].take() {
+                    self.workload_index.remove(&entry.key);
+                }
+                self.free_slots.push(slot);
+            }
+        }
+        let slots = &self.workload_slots;
+        self.cgroup_slots.retain(|_, (slot, _)| slots[*slot].is_some());
     }
 }
 
@@ -378,14 +434,14 @@ mod tests {
         };
         accounting.apply(&exit, at(1), Duration::from_secs(1), &[0], &mut resolver);
         accounting.retire(at(1), &mut |_| false);
-        let key = Arc::<str>::from(format!("container:{CONTAINER}"));
-        assert_eq!(accounting.workloads()[&key].exited_at, Some(at(1)));
+        let key = format!("container:{CONTAINER}");
+        assert_eq!(accounting.workload(&key).unwrap().exited_at, Some(at(1)));
         assert_eq!(accounting.processes().len(), 1);
 
         accounting.retire(at(30), &mut |_| false);
-        assert!(accounting.workloads().contains_key(&key));
+        assert!(accounting.workload(&key).is_some());
         accounting.retire(at(62), &mut |_| false);
-        assert!(!accounting.workloads().contains_key(&key));
+        assert!(accounting.workload(&key).is_none());
         assert!(accounting.processes().is_empty());
     }
 
@@ -402,8 +458,8 @@ mod tests {
         };
         accounting.apply(&reading, at(0), Duration::from_secs(1), &[0], &mut resolver);
         accounting.retire(at(1), &mut |_| true);
-        let key = Arc::<str>::from(format!("container:{CONTAINER}"));
-        assert_eq!(accounting.workloads()[&key].exited_at, None);
+        let key = format!("container:{CONTAINER}");
+        assert_eq!(accounting.workload(&key).unwrap().exited_at, None);
     }
 
     #[test]
@@ -449,7 +505,7 @@ mod tests {
                 accounting.apply(&reading, at(i as u64), Duration::from_secs(1), &[0], &mut resolver);
             }
             let processes: u64 = accounting.processes().values().map(|p| total_ns(&p.cpu_ns_by_socket)).sum();
-            let workloads: u64 = accounting.workloads().values().map(|w| total_ns(&w.cpu_ns_by_socket)).sum();
+            let workloads: u64 = accounting.workloads().map(|w| total_ns(&w.cpu_ns_by_socket)).sum();
             prop_assert_eq!(processes, reported);
             prop_assert_eq!(workloads, reported);
         }

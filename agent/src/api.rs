@@ -214,8 +214,10 @@ async fn list_containers(
     check_params(&params, &["limit"])?;
     let limit = parse_limit(&params)?.unwrap_or(usize::MAX);
     let snapshot = shared.latest();
-    let list: Vec<ContainerJson<'_>> = snapshot
-        .containers()
+    let mut views: Vec<&WorkloadView> = snapshot.containers().collect();
+    views.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+    let list: Vec<ContainerJson<'_>> = views
+        .into_iter()
         .filter_map(|view| container_json(&snapshot, view))
         .take(limit)
         .collect();
@@ -298,10 +300,14 @@ async fn list_processes(
                 .position(|w| std::ptr::eq(w, view))
         }
     };
-    let list: Vec<ProcessJson<'_>> = snapshot
+    let mut selected: Vec<&ProcessView> = snapshot
         .processes
         .iter()
         .filter(|p| workload_filter.is_none_or(|index| p.workload == index))
+        .collect();
+    selected.sort_unstable_by_key(|p| p.key);
+    let list: Vec<ProcessJson<'_>> = selected
+        .into_iter()
         .take(limit)
         .map(|p| process_json(&snapshot, p))
         .collect();
@@ -331,9 +337,10 @@ async fn list_workloads(
     check_params(&params, &["limit"])?;
     let limit = parse_limit(&params)?.unwrap_or(usize::MAX);
     let snapshot = shared.latest();
-    let list: Vec<WorkloadJson<'_>> = snapshot
-        .workloads
-        .iter()
+    let mut views: Vec<&WorkloadView> = snapshot.workloads.iter().collect();
+    views.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+    let list: Vec<WorkloadJson<'_>> = views
+        .into_iter()
         .take(limit)
         .map(|w| WorkloadJson {
             workload: &w.key,

@@ -98,35 +98,30 @@ impl Snapshot {
         }
     }
 
-    /// Builds the snapshot of the accounting's current state.
+    /// Builds the snapshot of the accounting's current state. Linear in the
+    /// number of processes, with no sorting or string comparison per process:
+    /// readers sort what they show.
     pub fn build(accounting: &Accounting, base: SnapshotBase) -> Self {
         let seq = accounting.seq();
-        let mut workloads: Vec<WorkloadView> = accounting
-            .workloads()
-            .iter()
-            .map(|(key, w)| WorkloadView {
-                key: Arc::clone(key),
+        let slots = accounting.workload_slots();
+        let mut index_of_slot = vec![usize::MAX; slots.len()];
+        let mut workloads = Vec::with_capacity(slots.len());
+        for (slot, entry) in slots.iter().enumerate() {
+            let Some(w) = entry else { continue };
+            index_of_slot[slot] = workloads.len();
+            workloads.push(WorkloadView {
+                key: Arc::clone(&w.key),
                 workload: Arc::clone(&w.workload),
                 cgroup_path: w.cgroup_path.clone(),
                 cpu_ns_by_socket: w.cpu_ns_by_socket,
-                interval_ns: if w.interval_seq == seq {
-                    w.interval_ns
-                } else {
-                    0
-                },
+                interval_ns: if w.interval_seq == seq { w.interval_ns } else { 0 },
                 first_seen: w.first_seen,
                 last_seen: w.last_seen,
                 exited_at: w.exited_at,
                 live_processes: w.live_processes,
-            })
-            .collect();
-        workloads.sort_unstable_by(|a, b| a.key.cmp(&b.key));
-        let index_of = |key: &str| {
-            workloads
-                .binary_search_by(|w| (*w.key).cmp(key))
-                .unwrap_or(0)
-        };
-        let mut processes: Vec<ProcessView> = accounting
+            });
+        }
+        let processes: Vec<ProcessView> = accounting
             .processes()
             .iter()
             .map(|(key, p)| ProcessView {
@@ -134,19 +129,14 @@ impl Snapshot {
                 comm: p.comm,
                 cgroup_id: p.cgroup_id,
                 cgroup_path: p.cgroup_path.clone(),
-                workload: index_of(&p.workload_key),
+                workload: index_of_slot.get(p.workload).copied().unwrap_or(usize::MAX),
                 cpu_ns_by_socket: p.cpu_ns_by_socket,
-                interval_ns: if p.interval_seq == seq {
-                    p.interval_ns
-                } else {
-                    0
-                },
+                interval_ns: if p.interval_seq == seq { p.interval_ns } else { 0 },
                 first_seen: p.first_seen,
                 last_seen: p.last_seen,
                 exited: p.exited_at.is_some(),
             })
             .collect();
-        processes.sort_unstable_by_key(|p| p.key);
         let node = accounting.node();
         Self {
             sequence: seq,

@@ -220,8 +220,18 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts the agent with a short interval and waits for its first snapshot.
+    /// Starts the agent with a short interval (250 ms) and waits for its
+    /// first snapshot.
     pub fn start(extra_args: &[&str]) -> Self {
+        Self::start_with_interval("250ms", extra_args)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Starts the agent and waits for its first snapshot.
+    pub fn start_with_interval(interval: &str, extra_args: &[&str]) -> Self {
         let port = {
             let listener = TcpListener::bind("127.0.0.1:0").expect("free port");
             listener.local_addr().expect("addr").port()
@@ -232,7 +242,7 @@ impl Agent {
                 "run",
                 "--no-table",
                 "--interval",
-                "250ms",
+                interval,
                 "--listen",
                 &listen,
             ])

@@ -124,29 +124,6 @@ pub trait CpuTimeSource: Send {
     fn read(&mut self) -> Result<CpuReading, CpuSourceError>;
 }
 
-/// Merges usage entries with the same process and cgroup.
-pub fn merge_usage(usage: &mut Vec<ProcessUsage>) {
-    usage.sort_unstable_by_key(|u| (u.key, u.cgroup_id));
-    usage.dedup_by(|later, earlier| {
-        if later.key == earlier.key && later.cgroup_id == earlier.cgroup_id {
-            for (sum, add) in earlier
-                .runtime_ns_by_socket
-                .iter_mut()
-                .zip(later.runtime_ns_by_socket)
-            {
-                *sum += add;
-            }
-            // Keep the newest name (exec changes it).
-            if later.comm != Comm::default() {
-                earlier.comm = later.comm;
-            }
-            true
-        } else {
-            false
-        }
-    });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,42 +135,5 @@ mod tests {
             Comm::from_str_lossy("a-very-long-process-name").as_str(),
             "a-very-long-pro"
         );
-    }
-
-    #[test]
-    fn merge_adds_same_process_and_cgroup_only() {
-        let key = ProcessKey {
-            pid: 7,
-            start_ns: 1,
-        };
-        let mut socket_a = [0; MAX_SOCKETS];
-        socket_a[0] = 10;
-        let mut socket_b = [0; MAX_SOCKETS];
-        socket_b[1] = 5;
-        let mut usage = vec![
-            ProcessUsage {
-                key,
-                comm: Comm::from_str_lossy("a"),
-                cgroup_id: 1,
-                runtime_ns_by_socket: socket_a,
-            },
-            ProcessUsage {
-                key,
-                comm: Comm::from_str_lossy("b"),
-                cgroup_id: 2,
-                runtime_ns_by_socket: socket_a,
-            },
-            ProcessUsage {
-                key,
-                comm: Comm::from_str_lossy("a2"),
-                cgroup_id: 1,
-                runtime_ns_by_socket: socket_b,
-            },
-        ];
-        merge_usage(&mut usage);
-        assert_eq!(usage.len(), 2);
-        let first = usage.iter().find(|u| u.cgroup_id == 1).unwrap();
-        assert_eq!(first.runtime_ns_by_socket[0], 10);
-        assert_eq!(first.runtime_ns_by_socket[1], 5);
     }
 }

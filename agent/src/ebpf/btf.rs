@@ -5,8 +5,6 @@
 //! is a few dozen lines of the documented format
 //! (Documentation/bpf/btf.rst), so it lives here with its own tests.
 
-use std::collections::HashMap;
-
 use thiserror::Error;
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -28,14 +26,16 @@ pub enum BtfError {
 const MAGIC: u16 = 0xeb9f;
 
 const KIND_INT: u32 = 1;
+const KIND_PTR: u32 = 2;
 const KIND_ARRAY: u32 = 3;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 const KIND_ENUM: u32 = 6;
-const KIND_TYPEDEF: u32 = 8;
+pub const KIND_TYPEDEF: u32 = 8;
 const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
+pub const KIND_FUNC: u32 = 12;
 const KIND_FUNC_PROTO: u32 = 13;
 const KIND_VAR: u32 = 14;
 const KIND_DATASEC: u32 = 15;
@@ -43,31 +43,23 @@ const KIND_DECL_TAG: u32 = 17;
 const KIND_TYPE_TAG: u32 = 18;
 const KIND_ENUM64: u32 = 19;
 
-#[derive(Clone, Debug)]
+/// A member of a struct or union, decoded on demand.
+#[derive(Clone, Copy, Debug)]
 struct Member {
-    name: String,
+    name_off: u32,
     type_id: u32,
     bit_offset: u32,
     bitfield_size: u32,
 }
 
-#[derive(Clone, Debug)]
-enum Type {
-    Composite {
-        members: Vec<Member>,
-    },
-    /// typedef, const, volatile, restrict, type tag: look through.
-    Alias {
-        target: u32,
-    },
-    Other,
-}
-
-/// The parsed types of one BTF blob.
-pub struct Btf {
-    /// Indexed by type id; id 0 is `void`.
-    types: Vec<Type>,
-    structs_by_name: HashMap<String, u32>,
+/// The types of one BTF blob, indexed but not decoded: the kernel's BTF has
+/// some 100,000 types, and decoding them all (as a general BTF library does)
+/// costs tens of MiB for the three offsets we need.
+pub struct Btf<'a> {
+    types: &'a [u8],
+    strings: &'a [u8],
+    /// Byte offset of each type in `types`; index = type id (0 is void).
+    type_offsets: Vec<u32>,
 }
 
 fn read_u32(data: &[u8], at: usize) -> Result<u32, BtfError> {
@@ -77,16 +69,26 @@ fn read_u32(data: &[u8], at: usize) -> Result<u32, BtfError> {
     Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
 }
 
-fn read_str(strings: &[u8], offset: u32) -> Result<String, BtfError> {
-    let tail = strings
-        .get(offset as usize..)
-        .ok_or(BtfError::Malformed("string offset past end"))?;
+fn str_at(strings: &[u8], offset: u32) -> &[u8] {
+    let tail = strings.get(offset as usize..).unwrap_or(&[]);
     let end = tail.iter().position(|b| *b == 0).unwrap_or(tail.len());
-    Ok(String::from_utf8_lossy(&tail[..end]).into_owned())
+    &tail[..end]
 }
 
-impl Btf {
-    pub fn parse(data: &[u8]) -> Result<Self, BtfError> {
+/// Bytes that follow a type's 12-byte header, by kind.
+fn trailing_len(kind: u32, vlen: usize) -> usize {
+    match kind {
+        KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+        KIND_ARRAY => 12,
+        KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => vlen * 12,
+        KIND_ENUM | KIND_FUNC_PROTO => vlen * 8,
+        // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT, FUNC, FLOAT, TYPE_TAG
+        _ => 0,
+    }
+}
+
+impl<'a> Btf<'a> {
+    pub fn parse(data: &'a [u8]) -> Result<Self, BtfError> {
         let magic = u16::from_le_bytes([
             *data.first().ok_or(BtfError::Malformed("empty"))?,
             *data.get(1).ok_or(BtfError::Malformed("empty"))?,
@@ -99,121 +101,115 @@ impl Btf {
         let type_len = read_u32(data, 12)? as usize;
         let str_off = read_u32(data, 16)? as usize;
         let str_len = read_u32(data, 20)? as usize;
-        let types_data = data
+        let types = data
             .get(header_len + type_off..header_len + type_off + type_len)
             .ok_or(BtfError::Malformed("type section out of bounds"))?;
         let strings = data
             .get(header_len + str_off..header_len + str_off + str_len)
             .ok_or(BtfError::Malformed("string section out of bounds"))?;
 
-        let mut types = vec![Type::Other];
-        let mut structs_by_name = HashMap::new();
+        let mut type_offsets = vec![0u32];
         let mut at = 0usize;
-        while at < types_data.len() {
-            let name_off = read_u32(types_data, at)?;
-            let info = read_u32(types_data, at + 4)?;
-            let size_or_type = read_u32(types_data, at + 8)?;
-            at += 12;
+        while at < types.len() {
+            let info = read_u32(types, at + 4)?;
+            type_offsets.push(at as u32);
             let kind = (info >> 24) & 0x1f;
             let vlen = (info & 0xffff) as usize;
-            let kind_flag = info >> 31 == 1;
-            let id = types.len() as u32;
-            let parsed = match kind {
-                KIND_STRUCT | KIND_UNION => {
-                    let mut members = Vec::with_capacity(vlen);
-                    for index in 0..vlen {
-                        let base = at + index * 12;
-                        let offset = read_u32(types_data, base + 8)?;
-                        let (bit_offset, bitfield_size) = if kind_flag {
-                            (offset & 0x00ff_ffff, offset >> 24)
-                        } else {
-                            (offset, 0)
-                        };
-                        members.push(Member {
-                            name: read_str(strings, read_u32(types_data, base)?)?,
-                            type_id: read_u32(types_data, base + 4)?,
-                            bit_offset,
-                            bitfield_size,
-                        });
-                    }
-                    at += vlen * 12;
-                    if kind == KIND_STRUCT {
-                        let name = read_str(strings, name_off)?;
-                        // vmlinux may carry a forward-declared twin; keep
-                        // the first definition that has members.
-                        if !name.is_empty() && !members.is_empty() {
-                            structs_by_name.entry(name).or_insert(id);
-                        }
-                    }
-                    Type::Composite { members }
-                }
-                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
-                    Type::Alias {
-                        target: size_or_type,
-                    }
-                }
-                KIND_INT | KIND_VAR | KIND_DECL_TAG => {
-                    at += 4;
-                    Type::Other
-                }
-                KIND_ARRAY => {
-                    at += 12;
-                    Type::Other
-                }
-                KIND_ENUM | KIND_FUNC_PROTO => {
-                    at += vlen * 8;
-                    Type::Other
-                }
-                KIND_DATASEC | KIND_ENUM64 => {
-                    at += vlen * 12;
-                    Type::Other
-                }
-                // PTR, FWD, FUNC, FLOAT carry nothing after the header.
-                _ => Type::Other,
-            };
-            types.push(parsed);
+            at += 12 + trailing_len(kind, vlen);
         }
-        if at != types_data.len() {
+        if at != types.len() {
             return Err(BtfError::Malformed("type section ends inside a type"));
         }
         Ok(Self {
             types,
-            structs_by_name,
+            strings,
+            type_offsets,
         })
     }
 
+    /// (kind, vlen, kind_flag, size_or_type, name) of a type.
+    fn header(&self, id: u32) -> Option<(u32, usize, bool, u32, &'a [u8])> {
+        let at = *self.type_offsets.get(id as usize)? as usize;
+        if id == 0 {
+            return None;
+        }
+        let name_off = read_u32(self.types, at).ok()?;
+        let info = read_u32(self.types, at + 4).ok()?;
+        let size_or_type = read_u32(self.types, at + 8).ok()?;
+        Some((
+            (info >> 24) & 0x1f,
+            (info & 0xffff) as usize,
+            info >> 31 == 1,
+            size_or_type,
+            str_at(self.strings, name_off),
+        ))
+    }
+
+    fn members(&self, id: u32) -> Option<impl Iterator<Item = Member> + '_> {
+        let (kind, vlen, kind_flag, _, _) = self.header(id)?;
+        if kind != KIND_STRUCT && kind != KIND_UNION {
+            return None;
+        }
+        let base = *self.type_offsets.get(id as usize)? as usize + 12;
+        Some((0..vlen).filter_map(move |index| {
+            let at = base + index * 12;
+            let offset = read_u32(self.types, at + 8).ok()?;
+            let (bit_offset, bitfield_size) = if kind_flag {
+                (offset & 0x00ff_ffff, offset >> 24)
+            } else {
+                (offset, 0)
+            };
+            Some(Member {
+                name_off: read_u32(self.types, at).ok()?,
+                type_id: read_u32(self.types, at + 4).ok()?,
+                bit_offset,
+                bitfield_size,
+            })
+        }))
+    }
+
+    /// Looks through typedef, const, volatile, restrict and type tags.
     fn resolve(&self, mut id: u32) -> u32 {
         for _ in 0..32 {
-            match self.types.get(id as usize) {
-                Some(Type::Alias { target }) => id = *target,
+            match self.header(id) {
+                Some((KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG, _, _, target, _)) => {
+                    id = target;
+                }
                 _ => break,
             }
         }
         id
     }
 
+    /// The first struct named `name` that has members (vmlinux may also
+    /// carry an empty forward-declared twin).
+    fn find_struct(&self, name: &str) -> Option<u32> {
+        (1..self.type_offsets.len() as u32).find(|id| {
+            matches!(self.header(*id), Some((KIND_STRUCT, vlen, _, _, n)) if vlen > 0 && n == name.as_bytes())
+        })
+    }
+
     /// Byte offset of `path` (e.g. `["se", "sum_exec_runtime"]`) inside the
     /// struct `strukt`, looking through anonymous structs and unions.
     pub fn member_offset(&self, strukt: &str, path: &[&str]) -> Result<u32, BtfError> {
-        let mut type_id = *self
-            .structs_by_name
-            .get(strukt)
+        let mut type_id = self
+            .find_struct(strukt)
             .ok_or_else(|| BtfError::NoStruct(strukt.to_owned()))?;
         let mut current_name = strukt.to_owned();
         let mut total_bits = 0u32;
-        for (depth, member_name) in path.iter().enumerate() {
-            let Some(Type::Composite { members }) = self.types.get(type_id as usize) else {
+        for member_name in path {
+            if self.members(type_id).is_none() {
                 return Err(BtfError::NotAStruct {
                     strukt: current_name,
                     member: (*member_name).to_owned(),
                 });
-            };
-            let (bits, member) =
-                self.find_member(members, member_name, 0)
-                    .ok_or_else(|| BtfError::NoMember {
-                        strukt: current_name.clone(),
-                        member: (*member_name).to_owned(),
-                    })?;
+            }
+            let (bits, member) = self
+                .find_member(type_id, member_name, 0)
+                .ok_or_else(|| BtfError::NoMember {
+                    strukt: current_name.clone(),
+                    member: (*member_name).to_owned(),
+                })?;
             if member.bitfield_size != 0 || bits % 8 != 0 {
                 return Err(BtfError::BitField {
                     strukt: current_name,
@@ -222,32 +218,71 @@ impl Btf {
             }
             total_bits += bits;
             type_id = self.resolve(member.type_id);
-            current_name = if depth == 0 {
-                format!("{strukt}.{member_name}")
-            } else {
-                format!("{current_name}.{member_name}")
-            };
+            current_name = format!("{current_name}.{member_name}");
         }
         Ok(total_bits / 8)
     }
 
-    fn find_member<'a>(
-        &'a self,
-        members: &'a [Member],
-        name: &str,
-        depth: u32,
-    ) -> Option<(u32, &'a Member)> {
+    /// A BTF blob with the same type ids as this one, in which only the
+    /// named types keep their name and kind; every other type becomes an
+    /// anonymous `void *`. aya looks programs' attach points up by name in
+    /// the kernel's BTF (`bpf_iter_task`, `btf_trace_sched_switch`); handing
+    /// it this stand-in instead of the whole vmlinux BTF saves ~25 MiB of
+    /// peak memory at load time, while the kernel still checks the ids
+    /// against its own BTF.
+    pub fn attach_points_only(&self, wanted: &[(u32, &str)]) -> Vec<u8> {
+        let mut strings = vec![0u8];
+        let mut types = Vec::with_capacity(self.type_offsets.len() * 12);
+        for id in 1..self.type_offsets.len() as u32 {
+            let (mut name_off, mut info, mut target) = (0u32, KIND_PTR << 24, 0u32);
+            if let Some((kind, vlen, _, size_or_type, name)) = self.header(id)
+                && wanted
+                    .iter()
+                    .any(|(k, n)| *k == kind && n.as_bytes() == name)
+                && (kind == KIND_FUNC || kind == KIND_TYPEDEF)
+            {
+                name_off = strings.len() as u32;
+                strings.extend_from_slice(name);
+                strings.push(0);
+                info = (kind << 24) | vlen as u32;
+                // Keep the referenced id (a prototype or typedef target);
+                // aya does not follow it.
+                target = size_or_type;
+            }
+            for word in [name_off, info, target] {
+                types.extend_from_slice(&word.to_le_bytes());
+            }
+        }
+        let mut out = Vec::with_capacity(24 + types.len() + strings.len());
+        out.extend_from_slice(&MAGIC.to_le_bytes());
+        out.extend_from_slice(&[1, 0]);
+        for word in [24u32, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
+            out.extend_from_slice(&word.to_le_bytes());
+        }
+        out.extend_from_slice(&types);
+        out.extend_from_slice(&strings);
+        out
+    }
+
+    /// The id of the type `name` of `kind`.
+    pub fn type_id(&self, kind: u32, name: &str) -> Option<u32> {
+        (1..self.type_offsets.len() as u32)
+            .find(|id| matches!(self.header(*id), Some((k, _, _, _, n)) if k == kind && n == name.as_bytes()))
+    }
+
+    fn find_member(&self, type_id: u32, name: &str, depth: u32) -> Option<(u32, Member)> {
         if depth > 8 {
             return None;
         }
-        if let Some(member) = members.iter().find(|m| m.name == name) {
+        if let Some(member) = self
+            .members(type_id)?
+            .find(|m| str_at(self.strings, m.name_off) == name.as_bytes())
+        {
             return Some((member.bit_offset, member));
         }
-        for anonymous in members.iter().filter(|m| m.name.is_empty()) {
-            let inner_id = self.resolve(anonymous.type_id);
-            if let Some(Type::Composite { members: inner }) = self.types.get(inner_id as usize)
-                && let Some((bits, member)) = self.find_member(inner, name, depth + 1)
-            {
+        for anonymous in self.members(type_id)?.filter(|m| m.name_off == 0) {
+            let inner = self.resolve(anonymous.type_id);
+            if let Some((bits, member)) = self.find_member(inner, name, depth + 1) {
                 return Some((anonymous.bit_offset + bits, member));
             }
         }
@@ -407,6 +442,31 @@ pub(crate) mod tests {
             btf.member_offset("cgroup", &["kn"]),
             Err(BtfError::NoStruct("cgroup".into()))
         );
+    }
+
+    #[test]
+    fn attach_points_only_keeps_ids_and_names() {
+        let mut b = BtfBuilder::new();
+        let int = b.int("int", 4);
+        let typedef = b.typedef("btf_trace_sched_switch", int);
+        let other = b.typedef("unrelated", int);
+        let data = b.build();
+        let full = Btf::parse(&data).unwrap();
+        let small_bytes = full.attach_points_only(&[(KIND_TYPEDEF, "btf_trace_sched_switch")]);
+        let small = Btf::parse(&small_bytes).unwrap();
+        assert_eq!(small.type_id(KIND_TYPEDEF, "btf_trace_sched_switch"), Some(typedef));
+        assert_eq!(small.type_id(KIND_TYPEDEF, "unrelated"), None);
+        assert_eq!(full.type_id(KIND_TYPEDEF, "unrelated"), Some(other));
+        // aya reads the stand-in the same way.
+        let aya = aya::Btf::parse(&small_bytes, aya::Endianness::default()).unwrap();
+        assert_eq!(
+            aya.id_by_type_name_kind("btf_trace_sched_switch", aya_obj_kind_typedef()).ok(),
+            Some(typedef)
+        );
+    }
+
+    fn aya_obj_kind_typedef() -> aya_obj::btf::BtfKind {
+        aya_obj::btf::BtfKind::Typedef
     }
 
     #[test]

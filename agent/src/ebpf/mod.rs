@@ -7,7 +7,7 @@
 pub mod btf;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     io::Read as _,
     path::PathBuf,
 };
@@ -21,14 +21,12 @@ use aya::{
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
     programs::{BtfTracePoint, Iter, ProgramError},
 };
+use rustc_hash::FxHashMap;
 use thiserror::Error;
 use tracing::{debug, info};
 
 use crate::{
-    cpu::{
-        Comm, CpuReading, CpuSourceError, CpuTimeSource, Method, ProcessKey, ProcessUsage,
-        merge_usage,
-    },
+    cpu::{Comm, CpuReading, CpuSourceError, CpuTimeSource, Method, ProcessKey, ProcessUsage},
     procinfo,
     topology::Topology,
 };
@@ -105,13 +103,9 @@ pub fn parse_records(bytes: &[u8]) -> impl Iterator<Item = TaskRecord> + '_ {
         .map(|chunk| unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<TaskRecord>()) })
 }
 
-/// Turns one record into usage: drained run time per socket, plus the
-/// in-progress slice on the socket of the CPU it is running on.
-pub fn record_usage(record: &TaskRecord, topology: &Topology) -> ProcessUsage {
-    let mut runtime_ns_by_socket = record.drained_ns_by_socket;
-    if record.in_progress_ns > 0 {
-        runtime_ns_by_socket[topology.socket_of(record.cpu)] += record.in_progress_ns;
-    }
+/// Turns one record into usage (the kernel side already put the slice in
+/// progress on the socket of the CPU it runs on).
+pub fn record_usage(record: &TaskRecord) -> ProcessUsage {
     ProcessUsage {
         key: ProcessKey {
             pid: record.tgid,
@@ -119,7 +113,7 @@ pub fn record_usage(record: &TaskRecord, topology: &Topology) -> ProcessUsage {
         },
         comm: Comm(record.comm),
         cgroup_id: record.cgroup_id,
-        runtime_ns_by_socket,
+        runtime_ns_by_socket: record.runtime_ns_by_socket,
     }
 }
 
@@ -148,10 +142,14 @@ pub struct EbpfCpuSource {
     topology: Topology,
     procfs_root: PathBuf,
     buffer: Vec<u8>,
-    exited: HashMap<ExitedKey, ExitedTrack>,
+    exited: FxHashMap<ExitedKey, ExitedTrack>,
     last_busy_ns: Vec<u64>,
+    /// In-progress slices per CPU at the previous read: already reported as
+    /// busy, and added to the kernel's per-CPU busy counter only when they
+    /// end.
+    last_in_progress_ns: Vec<u64>,
     /// Processes seen running and not yet known to have exited, by PID.
-    live: HashMap<u32, u64>,
+    live: FxHashMap<u32, u64>,
     reads: u64,
     clock_ticks_per_second: u64,
 }
@@ -164,29 +162,39 @@ const LIVENESS_SWEEP_EVERY: u64 = 10;
 impl EbpfCpuSource {
     pub fn load(options: &EbpfOptions, topology: Topology) -> Result<Self, EbpfLoadError> {
         raise_memlock_limit();
+        // aya's EbpfLoader::new() parses the whole vmlinux BTF (~17 MiB of
+        // heap) whether or not it is used; our programs carry no CO-RE
+        // relocations, so drop it at once, before we allocate our own.
+        let mut loader = EbpfLoader::new();
+        loader.btf(None);
         let btf_bytes =
             std::fs::read(&options.btf_path).map_err(|source| EbpfLoadError::BtfRead {
                 path: options.btf_path.clone(),
                 source,
             })?;
-        let parsed = btf::Btf::parse(&btf_bytes).map_err(|source| EbpfLoadError::BtfParse {
-            path: options.btf_path.clone(),
-            source,
-        })?;
-        let offsets = kernel_offsets(&parsed).map_err(|source| EbpfLoadError::BtfParse {
-            path: options.btf_path.clone(),
-            source,
-        })?;
+        let (offsets, attach_btf) = btf::Btf::parse(&btf_bytes)
+            .and_then(|parsed| {
+                let offsets = kernel_offsets(&parsed)?;
+                let attach = parsed.attach_points_only(&[
+                    (btf::KIND_FUNC, "bpf_iter_task"),
+                    (btf::KIND_TYPEDEF, "btf_trace_sched_switch"),
+                ]);
+                Ok((offsets, attach))
+            })
+            .map_err(|source| EbpfLoadError::BtfParse {
+                path: options.btf_path.clone(),
+                source,
+            })?;
         debug!(?offsets, "kernel structure offsets from BTF");
-        let aya_btf = Btf::parse(&btf_bytes, Endianness::default()).map_err(|source| {
+        let aya_btf = Btf::parse(&attach_btf, Endianness::default()).map_err(|source| {
             EbpfLoadError::AyaBtf {
                 path: options.btf_path.clone(),
                 source,
             }
         })?;
+        drop((btf_bytes, attach_btf));
         let cpu_table = topology.kernel_table();
-        let mut ebpf = EbpfLoader::new()
-            .btf(Some(&aya_btf))
+        let mut ebpf = loader
             // aya has no user-space wrapper for task storage; we only ever
             // reach it from the programs, so let aya create it as is.
             .allow_unsupported_maps()
@@ -222,9 +230,10 @@ impl EbpfCpuSource {
             topology,
             procfs_root: options.procfs_root.clone(),
             buffer: Vec::with_capacity(1 << 16),
-            exited: HashMap::new(),
+            exited: FxHashMap::default(),
             last_busy_ns: Vec::new(),
-            live: HashMap::new(),
+            last_in_progress_ns: Vec::new(),
+            live: FxHashMap::default(),
             reads: 0,
             clock_ticks_per_second: procinfo::clock_ticks_per_second(),
         };
@@ -233,6 +242,8 @@ impl EbpfCpuSource {
             map: names::CPU_BUSY_NS,
             message: e.to_string(),
         })?;
+        drop(aya_btf);
+        release_free_memory();
         info!("kernel programs loaded and attached (sched_switch, task iterator)");
         Ok(source)
     }
@@ -391,7 +402,7 @@ impl CpuTimeSource for EbpfCpuSource {
                 {
                     *slot += record.in_progress_ns;
                 }
-                let usage = record_usage(&record, &self.topology);
+                let usage = record_usage(&record);
                 match self.live.insert(usage.key.pid, usage.key.start_ns) {
                     // The PID was reused: the old process is gone.
                     Some(old_start) if old_start != usage.key.start_ns => {
@@ -412,21 +423,38 @@ impl CpuTimeSource for EbpfCpuSource {
         if self.reads.is_multiple_of(LIVENESS_SWEEP_EVERY) {
             self.sweep_liveness(&mut reading);
         }
-        merge_usage(&mut reading.usage);
 
         let busy = self.read_busy_ns()?;
-        reading.busy_ns_by_cpu = busy
-            .iter()
-            .enumerate()
-            .map(|(cpu, now)| {
-                let before = self.last_busy_ns.get(cpu).copied().unwrap_or(0);
-                now.saturating_sub(before) + in_progress_by_cpu.get(cpu).copied().unwrap_or(0)
-            })
-            .collect();
+        reading.busy_ns_by_cpu = busy_deltas(
+            &self.last_busy_ns,
+            &busy,
+            &self.last_in_progress_ns,
+            &in_progress_by_cpu,
+        );
         self.last_busy_ns = busy;
+        self.last_in_progress_ns = in_progress_by_cpu;
         reading.losses = self.read_losses()?;
         Ok(reading)
     }
+}
+
+/// Busy time per CPU since the previous read: what the kernel counted at
+/// switches, plus the slices running now, minus the slices that were running
+/// at the previous read (reported then, counted by the kernel when they end).
+pub fn busy_deltas(
+    busy_before: &[u64],
+    busy_now: &[u64],
+    in_progress_before: &[u64],
+    in_progress_now: &[u64],
+) -> Vec<u64> {
+    busy_now
+        .iter()
+        .enumerate()
+        .map(|(cpu, now)| {
+            let at = |v: &[u64]| v.get(cpu).copied().unwrap_or(0);
+            (now + at(in_progress_now)).saturating_sub(at(busy_before) + at(in_progress_before))
+        })
+        .collect()
 }
 
 fn map_error(map: &'static str, error: impl std::fmt::Display) -> CpuSourceError {
@@ -481,6 +509,16 @@ fn run_iter(ebpf: &mut Ebpf, name: &'static str, out: &mut Vec<u8>) -> Result<()
     Ok(())
 }
 
+/// Hands memory freed after loading back to the kernel, so the resident
+/// size reflects what the agent uses while it runs.
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; lift it so a
 /// default limit of 64 KiB does not make loading fail. Harmless later.
 fn raise_memlock_limit() {
@@ -502,7 +540,7 @@ fn raise_memlock_limit() {
 mod tests {
     use super::*;
 
-    fn record(tgid: u32, drained: [u64; MAX_SOCKETS], in_progress: u64, cpu: u32) -> TaskRecord {
+    fn record(tgid: u32, runtime: [u64; MAX_SOCKETS], in_progress: u64, cpu: u32) -> TaskRecord {
         TaskRecord {
             tgid,
             tid: tgid,
@@ -512,7 +550,7 @@ mod tests {
             in_progress_ns: in_progress,
             cpu,
             _pad: 0,
-            drained_ns_by_socket: drained,
+            runtime_ns_by_socket: runtime,
         }
     }
 
@@ -544,21 +582,22 @@ mod tests {
     }
 
     #[test]
-    fn in_progress_slice_goes_to_the_socket_of_its_cpu() {
-        let topology = Topology::from_sockets(vec![0, 0, 1, 1]);
-        let mut drained = [0; MAX_SOCKETS];
-        drained[0] = 100;
-        let usage = record_usage(&record(3, drained, 50, 2), &topology);
-        assert_eq!(usage.runtime_ns_by_socket[0], 100);
-        assert_eq!(usage.runtime_ns_by_socket[1], 50);
+    fn records_become_usage_keyed_by_process() {
+        let mut runtime = [0; MAX_SOCKETS];
+        runtime[1] = 100;
+        let usage = record_usage(&record(3, runtime, 50, 2));
+        assert_eq!(usage.runtime_ns_by_socket, runtime);
         assert_eq!(usage.comm.as_str(), "burn");
-        assert_eq!(
-            usage.key,
-            ProcessKey {
-                pid: 3,
-                start_ns: 42
-            }
-        );
+        assert_eq!(usage.key, ProcessKey { pid: 3, start_ns: 42 });
+    }
+
+    #[test]
+    fn busy_counts_a_running_slice_once() {
+        // Read 1: CPU 0 ran 10 ms at switches and has a 5 ms slice running.
+        assert_eq!(busy_deltas(&[0], &[10], &[0], &[5]), vec![15]);
+        // Read 2: that slice ended at 8 ms (the kernel counted 8) and nothing
+        // runs now: only the 3 ms not reported before are new.
+        assert_eq!(busy_deltas(&[10], &[18], &[5], &[0]), vec![3]);
     }
 
     #[test]

@@ -1,1 +1,233 @@
-fn main() {}
+//! `cargo xtask bench`: the agent's costs, measured in one run, printed as
+//! ratios against their goals.
+//!
+//! 1. Kernel cost per context switch: powerlens's `sched_switch` program
+//!    against an empty `tp_btf/sched_switch` program attached at the same
+//!    time, under a pipe ping-pong load, from the kernel's BPF run-time
+//!    statistics. Goal: at most 2x the empty program.
+//! 2. The agent's CPU time per 1 s interval (user + system, which includes
+//!    the task iterator that runs in its read) and its peak RSS, with
+//!    10,000 live processes across 1,000 cgroups. Goals: 5 ms, 40 MiB.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use agent_common::names;
+use anyhow::{Context as _, bail};
+use aya::{
+    Btf,
+    programs::{BtfTracePoint, Program},
+    sys::{Stats, enable_stats},
+};
+use integration_tests::{Agent, ChildGuard, TestCgroup, random_hex, spawn_in, workload_binary};
+use powerlens::{
+    cpu::CpuTimeSource as _,
+    ebpf::{EbpfCpuSource, EbpfOptions},
+    topology::Topology,
+};
+
+const SWITCH_GOAL_RATIO: f64 = 2.0;
+const CPU_PER_INTERVAL_GOAL_MS: f64 = 5.0;
+const RSS_GOAL_MIB: f64 = 40.0;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let switch_seconds = if quick { 3 } else { 10 };
+    let (processes, cgroups, measure_seconds) = if quick { (1_000, 100, 5) } else { (10_000, 1_000, 20) };
+
+    println!("powerlens benchmarks (kernel {})", kernel_release());
+    let switch = bench_switch_path(switch_seconds)?;
+    let agent = bench_agent(processes, cgroups, measure_seconds)?;
+
+    println!();
+    println!("{:<58} {:>12} {:>10} {:>8}", "figure", "measured", "goal", "ratio");
+    let row = |name: &str, measured: f64, unit: &str, goal: f64| {
+        println!(
+            "{:<58} {:>9.2} {:<2} {:>7.1} {:<2} {:>7.2}{}",
+            name,
+            measured,
+            unit,
+            goal,
+            unit,
+            measured / goal,
+            if measured <= goal { "" } else { "  OVER GOAL" }
+        );
+    };
+    println!(
+        "{:<58} {:>9.0} ns {:>10} {:>8}",
+        "empty tp_btf/sched_switch, per switch", switch.empty_ns, "", ""
+    );
+    println!(
+        "{:<58} {:>9.0} ns {:>10} {:>8}",
+        "powerlens sched_switch, per switch", switch.ours_ns, "", ""
+    );
+    row(
+        "powerlens / empty program, per switch (x)",
+        switch.ours_ns / switch.empty_ns,
+        "x",
+        SWITCH_GOAL_RATIO,
+    );
+    println!(
+        "{:<58} {:>9.0} /s   (during the measurement)",
+        "context switches", switch.switches_per_second
+    );
+    row(
+        &format!("agent CPU per interval, {processes} processes / {cgroups} cgroups"),
+        agent.cpu_ms_per_interval,
+        "ms",
+        CPU_PER_INTERVAL_GOAL_MS,
+    );
+    row("agent peak RSS", agent.peak_rss_mib, "Mi", RSS_GOAL_MIB);
+    println!(
+        "{:<58} {:>9}      (live processes the agent tracked)",
+        "processes seen", agent.live_processes
+    );
+    Ok(())
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "?".into())
+}
+
+struct SwitchResult {
+    empty_ns: f64,
+    ours_ns: f64,
+    switches_per_second: f64,
+}
+
+fn run_stats(program: &Program) -> anyhow::Result<(u64, u64)> {
+    let info = program.info().context("program info")?;
+    Ok((info.run_time().as_nanos() as u64, info.run_count()))
+}
+
+fn bench_switch_path(seconds: u64) -> anyhow::Result<SwitchResult> {
+    println!("[1/2] switch path: {seconds} s of pipe ping-pong with both programs attached");
+    // Keep the fd: statistics stay on while it is open.
+    let _stats = enable_stats(Stats::RunTime).context("enabling BPF run-time statistics")?;
+    let topology = Topology::read(Path::new("/sys"))?;
+    let mut source = EbpfCpuSource::load(
+        &EbpfOptions {
+            btf_path: "/sys/kernel/btf/vmlinux".into(),
+            procfs_root: "/proc".into(),
+        },
+        topology,
+    )?;
+    let btf = Btf::from_sys_fs()?;
+    let empty: &mut BtfTracePoint = source
+        .ebpf_mut()
+        .program_mut(names::EMPTY_SCHED_SWITCH)
+        .context("empty program in the object")?
+        .try_into()?;
+    empty.load("sched_switch", &btf)?;
+    empty.attach()?;
+
+    let before_ours = run_stats(source.ebpf_mut().program(names::SCHED_SWITCH).context("sched_switch")?)?;
+    let before_empty = run_stats(source.ebpf_mut().program(names::EMPTY_SCHED_SWITCH).context("empty")?)?;
+    let started = Instant::now();
+    let load = spawn_in(None, &workload_binary(), &["pingpong", &seconds.to_string()]);
+    // Read as the agent does, so the in-progress claims and drains run too.
+    while started.elapsed() < Duration::from_secs(seconds) {
+        std::thread::sleep(Duration::from_secs(1));
+        source.read()?;
+    }
+    let output = load.wait_output();
+    let elapsed = started.elapsed().as_secs_f64();
+    let after_ours = run_stats(source.ebpf_mut().program(names::SCHED_SWITCH).context("sched_switch")?)?;
+    let after_empty = run_stats(source.ebpf_mut().program(names::EMPTY_SCHED_SWITCH).context("empty")?)?;
+    let ours_count = after_ours.1 - before_ours.1;
+    let empty_count = after_empty.1 - before_empty.1;
+    if ours_count == 0 || empty_count == 0 {
+        bail!("no context switches were counted (statistics off?)");
+    }
+    println!("      load: {}", output.trim());
+    Ok(SwitchResult {
+        ours_ns: (after_ours.0 - before_ours.0) as f64 / ours_count as f64,
+        empty_ns: (after_empty.0 - before_empty.0) as f64 / empty_count as f64,
+        switches_per_second: ours_count as f64 / elapsed,
+    })
+}
+
+struct AgentResult {
+    cpu_ms_per_interval: f64,
+    peak_rss_mib: f64,
+    live_processes: usize,
+}
+
+/// CPU time of all threads of `pid`, in ns (scheduler run time).
+fn process_cpu_ns(pid: u32) -> u64 {
+    integration_tests::process_schedstat_ns(pid)
+}
+
+fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmHWM in /proc/<pid>/status")
+}
+
+fn bench_agent(processes: usize, cgroups: usize, seconds: u64) -> anyhow::Result<AgentResult> {
+    println!("[2/2] agent: {processes} live processes in {cgroups} cgroups, {seconds} s measured at a 1 s interval");
+    let per_cgroup = processes / cgroups;
+    let agent = Agent::start_with_interval("1s", &[]);
+    let parent = TestCgroup::create(&format!("powerlens-bench-{}.slice", random_hex(8)));
+    let leaves: Vec<TestCgroup> = (0..cgroups)
+        .map(|_| {
+            TestCgroup::create(&format!(
+                "{}/docker-{}.scope",
+                parent.relative.trim_start_matches('/'),
+                random_hex(64)
+            ))
+        })
+        .collect();
+    let dirs: Vec<String> = leaves.iter().map(|c| c.path.display().to_string()).collect();
+    let mut command = Command::new(workload_binary());
+    command
+        .arg("swarm")
+        .arg((seconds + 60).to_string())
+        .arg(per_cgroup.to_string())
+        .args(&dirs)
+        .stdout(Stdio::piped());
+    let mut swarm = ChildGuard {
+        child: command.spawn().context("starting the swarm")?,
+    };
+    let mut ready = String::new();
+    BufReader::new(swarm.child.stdout.as_mut().context("swarm stdout")?).read_line(&mut ready)?;
+    println!("      swarm: {}", ready.trim());
+    // Let every process run at least once and the agent see it.
+    std::thread::sleep(Duration::from_secs(4));
+    agent.wait_intervals(1);
+
+    let pid = agent.pid();
+    let cpu_before = process_cpu_ns(pid);
+    let sequence_before = agent.sequence();
+    std::thread::sleep(Duration::from_secs(seconds));
+    let cpu_after = process_cpu_ns(pid);
+    let sequence_after = agent.sequence();
+    let peak_rss_mib = peak_rss_kib(pid)? as f64 / 1024.0;
+    let intervals = (sequence_after - sequence_before).max(1);
+    let cpu_ms_per_interval = (cpu_after - cpu_before) as f64 / 1e6 / intervals as f64;
+
+    let (_, list) = agent.get("/api/v1/processes");
+    let live_processes = list
+        .as_array()
+        .map(|l| l.iter().filter(|p| p["exited"] == false).count())
+        .unwrap_or(0);
+    swarm.signal(libc::SIGKILL);
+    drop(swarm);
+    drop(leaves);
+    drop(parent);
+    Ok(AgentResult {
+        cpu_ms_per_interval,
+        peak_rss_mib,
+        live_processes,
+    })
+}

@@ -9,6 +9,10 @@
 //! - `sleep SECONDS`: sleeps (a live process that never runs).
 //! - `pingpong SECONDS`: two threads hand a byte back and forth over pipes
 //!   (thousands of context switches per second).
+//! - `swarm SECONDS PER_CGROUP DIR...`: forks PER_CGROUP children into each
+//!   cgroup directory; each wakes about once a second to burn ~50 us, for
+//!   SECONDS. Forked children share the parent's pages, so 10,000 of them
+//!   fit in memory. Prints `ready` once all are running.
 
 use std::{
     io::{Read as _, Write as _},
@@ -109,12 +113,12 @@ fn main() {
         "sleep" => std::thread::sleep(Duration::from_secs_f64(arg(&args, 2, "seconds"))),
         "pingpong" => {
             let wall = Duration::from_secs_f64(arg(&args, 2, "seconds"));
-            let (mut a_read, mut b_write) = std::io::pipe().expect("pipe");
-            let (mut b_read, mut a_write) = std::io::pipe().expect("pipe");
+            let (mut to_echo_read, mut to_echo_write) = std::io::pipe().expect("pipe");
+            let (mut to_main_read, mut to_main_write) = std::io::pipe().expect("pipe");
             let echo = std::thread::spawn(move || {
                 let mut byte = [0u8; 1];
-                while a_read.read_exact(&mut byte).is_ok() {
-                    if b_write.write_all(&byte).is_err() {
+                while to_echo_read.read_exact(&mut byte).is_ok() {
+                    if to_main_write.write_all(&byte).is_err() {
                         break;
                     }
                 }
@@ -123,17 +127,62 @@ fn main() {
             let mut byte = [0u8; 1];
             let mut rounds = 0u64;
             while Instant::now() < end {
-                a_write.write_all(&byte).expect("write");
-                b_read.read_exact(&mut byte).expect("read");
+                to_echo_write.write_all(&byte).expect("write");
+                to_main_read.read_exact(&mut byte).expect("read");
                 rounds += 1;
             }
-            drop(a_write);
+            drop(to_echo_write);
             let _ = echo.join();
             println!("rounds={rounds}");
         }
+        "swarm" => swarm(&args),
         _ => {
-            eprintln!("usage: workload burn|half|threads|short|sleep|pingpong ...");
+            eprintln!("usage: workload burn|half|threads|short|sleep|pingpong|swarm ...");
             std::process::exit(2);
         }
+    }
+}
+
+fn swarm(args: &[String]) {
+    let seconds: f64 = arg(args, 2, "seconds");
+    let per_cgroup: usize = arg(args, 3, "children per cgroup");
+    let dirs = &args[4..];
+    let end = Instant::now() + Duration::from_secs_f64(seconds);
+    let mut children = Vec::with_capacity(dirs.len() * per_cgroup);
+    for (index, dir) in dirs.iter().enumerate() {
+        let procs = std::fs::OpenOptions::new()
+            .write(true)
+            .open(format!("{dir}/cgroup.procs"))
+            .unwrap_or_else(|e| panic!("{dir}/cgroup.procs: {e}"));
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&procs);
+        for child_index in 0..per_cgroup {
+            // SAFETY: this process is single-threaded; the child only makes
+            // syscalls, burns CPU and exits.
+            let pid = unsafe { libc::fork() };
+            if pid == 0 {
+                unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
+                // Spread wake-ups over the second.
+                let offset = Duration::from_micros(((index * per_cgroup + child_index) * 997 % 1_000_000) as u64);
+                std::thread::sleep(offset);
+                while Instant::now() < end {
+                    burn_cpu(Duration::from_micros(50));
+                    std::thread::sleep(Duration::from_secs(1));
+                    // SAFETY: no preconditions.
+                    if unsafe { libc::getppid() } == 1 {
+                        break;
+                    }
+                }
+                unsafe { libc::_exit(0) };
+            }
+            assert!(pid > 0, "fork failed: {}", std::io::Error::last_os_error());
+            children.push(pid);
+        }
+    }
+    println!("ready {}", children.len());
+    let _ = std::io::stdout().flush();
+    for pid in children {
+        let mut status = 0;
+        // SAFETY: waiting for our own children.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
     }
 }
