@@ -39,7 +39,7 @@ pub mod names {
     /// Global (`.rodata`) variables the agent sets before loading.
     pub const GLOBAL_OFFSETS: &str = "OFFSETS";
     pub const GLOBAL_CPU_TO_SOCKET: &str = "CPU_TO_SOCKET";
-    pub const GLOBAL_AGENT_START_NS: &str = "AGENT_START_NS";
+    pub const GLOBAL_SOCKETS: &str = "SOCKETS";
 }
 
 /// Byte offsets inside kernel structures, read from the running kernel's BTF
@@ -71,23 +71,40 @@ pub struct KernelOffsets {
     pub _reserved: u32,
 }
 
-/// Per-thread state kept in task-local storage by the `sched_switch` program.
+/// Run time of one thread on one socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SocketRuntime {
+    /// Charged at switches since the agent started (written only by the
+    /// `sched_switch` program on the CPU the thread is leaving).
+    pub cumulative_ns: u64,
+    /// Already handed to the agent (moved forward with compare-and-swap by
+    /// the task iterator and by the thread's last switch).
+    pub reported_ns: u64,
+}
+
+/// Per-thread state kept in task-local storage.
 ///
-/// The first two fields have one writer, the `sched_switch` program on the
-/// CPU the thread is leaving, so the hot path needs no atomic instruction.
-/// `reported_ns_by_socket` is moved forward with compare-and-swap by the
-/// task iterator and by the thread's last switch; everything between
-/// "reported" and "cumulative (+ the slice in progress)" is what the agent
-/// has not seen yet.
+/// Laid out for the cache: the switch path touches only the first line on
+/// machines with up to three sockets; the identity the iterator caches sits
+/// apart, so a read touches it only for threads that ran.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TaskRuntime {
     /// The thread's `sum_exec_runtime` at its last switch out.
     pub last_runtime_ns: u64,
-    /// Run time charged at switches since the agent started, per socket.
-    pub cumulative_ns_by_socket: [u64; MAX_SOCKETS],
-    /// Run time already handed to the agent, per socket.
-    pub reported_ns_by_socket: [u64; MAX_SOCKETS],
+    pub by_socket: [SocketRuntime; MAX_SOCKETS],
+    /// Identity cached by the task iterator (it never changes for a thread
+    /// but for `comm` at exec and the cgroup at migration, both re-read).
+    pub css_set: u64,
+    pub cgroup_id: u64,
+    pub process_start_ns: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    pub comm: [u8; COMM_LEN],
+    /// Reads that reported something for this thread.
+    pub reports: u32,
+    pub _pad: u32,
 }
 
 /// One record written by the task iterator per thread that ran since the last
@@ -127,6 +144,9 @@ pub struct ExitedKey {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ExitedValue {
     pub cgroup_id: u64,
+    /// Threads of the process that have ended: the agent checks whether the
+    /// process is gone when this changes.
+    pub threads_exited: u64,
     pub comm: [u8; COMM_LEN],
     pub runtime_ns_by_socket: [u64; MAX_SOCKETS],
 }
@@ -180,6 +200,7 @@ mod pod {
     // with explicit padding fields, so every bit pattern is valid.
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::TaskRuntime {}
+    unsafe impl aya::Pod for super::SocketRuntime {}
     unsafe impl aya::Pod for super::TaskRecord {}
     unsafe impl aya::Pod for super::ExitedKey {}
     unsafe impl aya::Pod for super::ExitedValue {}

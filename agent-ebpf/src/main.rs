@@ -73,6 +73,10 @@ static OFFSETS: KernelOffsets = KernelOffsets {
 #[unsafe(no_mangle)]
 static CPU_TO_SOCKET: [u8; MAX_CPUS] = [0; MAX_CPUS];
 
+/// Sockets of this machine (1..=MAX_SOCKETS): loops over sockets stop here.
+#[unsafe(no_mangle)]
+static SOCKETS: u32 = MAX_SOCKETS as u32;
+
 // ---------------------------------------------------------------------------
 // Maps.
 
@@ -175,6 +179,13 @@ fn socket_of(cpu: u32) -> usize {
     } else {
         socket
     }
+}
+
+#[inline(always)]
+fn sockets() -> usize {
+    // SAFETY: a plain read of our own static.
+    let sockets = unsafe { ptr::read_volatile(&raw const SOCKETS) } as usize;
+    sockets.clamp(1, MAX_SOCKETS)
 }
 
 #[inline(always)]
@@ -289,7 +300,7 @@ fn on_switch_out(prev: *mut c_void, prev_state: u32) {
         let slice = runtime - entry.last_runtime_ns;
         // SAFETY: a helper without arguments (inlined by the verifier).
         let cpu = unsafe { bpf_get_smp_processor_id() };
-        entry.cumulative_ns_by_socket[socket_of(cpu)] += slice;
+        entry.by_socket[socket_of(cpu)].cumulative_ns += slice;
         if let Some(busy) = CPU_BUSY_NS.get_ptr_mut(0) {
             // SAFETY: this CPU's slot.
             unsafe { *busy += slice };
@@ -328,14 +339,17 @@ fn report_up_to(reported: *mut u64, total: u64) -> u64 {
 fn flush_exited(prev: *mut c_void, entry: &mut TaskRuntime) {
     let mut runtime_ns_by_socket = [0u64; MAX_SOCKETS];
     let mut total = 0u64;
-    for (socket, out) in runtime_ns_by_socket.iter_mut().enumerate() {
-        let cumulative = entry.cumulative_ns_by_socket[socket];
-        *out = report_up_to(&raw mut entry.reported_ns_by_socket[socket], cumulative);
+    for (out, socket) in runtime_ns_by_socket
+        .iter_mut()
+        .zip(entry.by_socket.iter_mut())
+        .take(sockets())
+    {
+        *out = report_up_to(&raw mut socket.reported_ns, socket.cumulative_ns);
         total += *out;
     }
-    if total == 0 {
-        return;
-    }
+    // Even with nothing left to report, the entry tells the agent that a
+    // thread of this process ended, so it can check whether the process is
+    // gone without sweeping /proc.
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let leader = group_leader(prev.cast());
     let key = ExitedKey {
@@ -348,6 +362,7 @@ fn flush_exited(prev: *mut c_void, entry: &mut TaskRuntime) {
         return;
     }
     let value = ExitedValue {
+        threads_exited: 1,
         // SAFETY: plain helper calls about `current`.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         comm: read_kernel(leader, offset!(task_comm)).unwrap_or([0; COMM_LEN]),
@@ -367,6 +382,8 @@ fn flush_exited(prev: *mut c_void, entry: &mut TaskRuntime) {
 
 #[inline(always)]
 fn add_exited(existing: *mut ExitedValue, runtime_ns_by_socket: &[u64; MAX_SOCKETS]) {
+    // SAFETY: existing is a live map value.
+    atomic(unsafe { &raw mut (*existing).threads_exited }).fetch_add(1);
     for (socket, amount) in runtime_ns_by_socket.iter().enumerate() {
         if *amount > 0 {
             // SAFETY: existing is a live map value; socket < MAX_SOCKETS.
@@ -417,43 +434,64 @@ extern "C" fn dump_tasks(ctx: *mut BpfIterTask) -> i32 {
     };
     let mut record: TaskRecord = unsafe { MaybeUninit::zeroed().assume_init() };
     let task_ptr: *const u8 = task.cast();
-    // SAFETY: entry is a live storage value; the switch path may write the
-    // first two fields concurrently (aligned 8-byte loads never tear; a
-    // momentarily inconsistent pair over-reports one slice early, which the
-    // monotonic reported mark absorbs later).
-    let (last, mut totals) = unsafe {
-        (
-            ptr::read_volatile(&raw const (*entry).last_runtime_ns),
-            ptr::read_volatile(&raw const (*entry).cumulative_ns_by_socket),
-        )
-    };
+    // SAFETY: entry is a live storage value. The switch path may write
+    // `last_runtime_ns` and `cumulative_ns` concurrently: aligned 8-byte
+    // loads never tear, and a momentarily inconsistent pair over-reports one
+    // slice early, which the monotonic reported mark absorbs later.
+    let entry = unsafe { &mut *entry };
+    let last = unsafe { ptr::read_volatile(&raw const entry.last_runtime_ns) };
     // The slice in progress: scheduler run time not yet seen at a switch.
     // `sum_exec_runtime` of a running task is updated at every tick.
     let runtime: u64 = field(task_ptr, offset!(task_sum_exec_runtime));
+    let mut in_progress_socket = MAX_SOCKETS;
     if runtime > last {
         record.in_progress_ns = runtime - last;
         record.cpu = field(task_ptr, offset!(task_cpu));
-        totals[socket_of(record.cpu)] += record.in_progress_ns;
+        in_progress_socket = socket_of(record.cpu);
     }
     let mut anything = record.in_progress_ns > 0;
-    for (socket, total) in totals.iter().enumerate() {
-        // SAFETY: socket < MAX_SOCKETS.
-        let reported = unsafe { &raw mut (*entry).reported_ns_by_socket[socket] };
-        let delta = report_up_to(reported, *total);
-        record.runtime_ns_by_socket[socket] = delta;
-        anything |= delta != 0;
+    for (index, (socket, delta)) in entry
+        .by_socket
+        .iter_mut()
+        .zip(record.runtime_ns_by_socket.iter_mut())
+        .take(sockets())
+        .enumerate()
+    {
+        // SAFETY: as above.
+        let mut total = unsafe { ptr::read_volatile(&raw const socket.cumulative_ns) };
+        if index == in_progress_socket {
+            total += record.in_progress_ns;
+        }
+        *delta = report_up_to(&raw mut socket.reported_ns, total);
+        anything |= *delta != 0;
     }
     if !anything {
         return 0;
     }
-    record.tid = field(task_ptr, offset!(task_pid));
-    record.tgid = field(task_ptr, offset!(task_tgid));
-    let leader = group_leader(task_ptr);
-    record.process_start_ns = process_start_ns(leader);
-    // The leader's name: thread names ("tokio-runtime-w") would hide the
-    // program.
-    record.comm = read_kernel(leader, offset!(task_comm)).unwrap_or([0; COMM_LEN]);
-    record.cgroup_id = cgroup_id_of(task_ptr);
+    // Identity: cached in the storage, so a read of a busy machine touches
+    // few cache lines per thread. The cgroup is re-read when the task's
+    // css_set changes (a migration); the rest for a thread's first reports
+    // and every 8th after (a name changes at exec).
+    let css_set: *const u8 = field(task_ptr, offset!(task_cgroups));
+    if css_set as u64 != entry.css_set {
+        entry.cgroup_id = cgroup_id_of(css_set);
+        entry.css_set = css_set as u64;
+    }
+    if entry.reports < 4 || entry.reports % 8 == 0 {
+        entry.tid = field(task_ptr, offset!(task_pid));
+        entry.tgid = field(task_ptr, offset!(task_tgid));
+        let leader = group_leader(task_ptr);
+        entry.process_start_ns = process_start_ns(leader);
+        // The leader's name: thread names ("tokio-runtime-w") would hide the
+        // program.
+        entry.comm = read_kernel(leader, offset!(task_comm)).unwrap_or([0; COMM_LEN]);
+    }
+    entry.reports = entry.reports.wrapping_add(1);
+    record.tid = entry.tid;
+    record.tgid = entry.tgid;
+    record.process_start_ns = entry.process_start_ns;
+    record.comm = entry.comm;
+    record.cgroup_id = entry.cgroup_id;
     // SAFETY: meta is valid for this call; the record lives on our stack.
     unsafe {
         let seq = ptr::read_volatile(&(*meta).seq);
@@ -466,10 +504,10 @@ extern "C" fn dump_tasks(ctx: *mut BpfIterTask) -> i32 {
     0
 }
 
-/// task->cgroups->dfl_cgrp->kn->id: the thread's cgroup on the v2 hierarchy.
+/// css_set->dfl_cgrp->kn->id: the cgroup on the v2 hierarchy of the tasks
+/// that share `css_set`.
 #[inline(always)]
-fn cgroup_id_of(task: *const u8) -> u64 {
-    let css_set: *const u8 = field(task, offset!(task_cgroups));
+fn cgroup_id_of(css_set: *const u8) -> u64 {
     let cgroup: *const u8 = field(css_set, offset!(css_set_dfl_cgrp));
     let kernfs_node: *const u8 = field(cgroup, offset!(cgroup_kn));
     field(kernfs_node, offset!(kernfs_node_id))

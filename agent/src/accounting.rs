@@ -34,7 +34,6 @@ pub fn workload_key(workload: &Workload) -> String {
 pub struct ProcessEntry {
     pub comm: Comm,
     pub cgroup_id: u64,
-    pub cgroup_path: Option<Arc<str>>,
     /// Slot of the process's workload in `Accounting::workload_slots`.
     pub workload: usize,
     pub cpu_ns_by_socket: SocketNs,
@@ -123,6 +122,19 @@ impl Accounting {
         self.workload_slots.iter().flatten()
     }
 
+    /// The path of a cgroup seen in a reading.
+    pub fn cgroup_path(&self, cgroup_id: u64) -> Option<&Arc<str>> {
+        self.cgroup_slots
+            .get(&cgroup_id)
+            .and_then(|(_, path)| path.as_ref())
+    }
+
+    pub fn cgroup_paths(&self) -> impl Iterator<Item = (u64, &Arc<str>)> {
+        self.cgroup_slots
+            .iter()
+            .filter_map(|(id, (_, path))| path.as_ref().map(|p| (*id, p)))
+    }
+
     pub fn workload(&self, key: &str) -> Option<&WorkloadEntry> {
         self.workload_index
             .get(key)
@@ -198,7 +210,10 @@ impl Accounting {
             let Some(workload_entry) = self.workload_slots[slot].as_mut() else {
                 continue;
             };
-            add_socket_ns(&mut workload_entry.cpu_ns_by_socket, &usage.runtime_ns_by_socket);
+            add_socket_ns(
+                &mut workload_entry.cpu_ns_by_socket,
+                &usage.runtime_ns_by_socket,
+            );
             if workload_entry.interval_seq != seq {
                 workload_entry.interval_seq = seq;
                 workload_entry.interval_ns = 0;
@@ -222,7 +237,6 @@ impl Accounting {
                 ProcessEntry {
                     comm: usage.comm,
                     cgroup_id: usage.cgroup_id,
-                    cgroup_path: None,
                     workload: slot,
                     cpu_ns_by_socket: [0; agent_common::MAX_SOCKETS],
                     interval_ns: 0,
@@ -247,9 +261,6 @@ impl Accounting {
             process.cgroup_id = usage.cgroup_id;
             if usage.comm != Comm::default() {
                 process.comm = usage.comm;
-            }
-            if path.is_some() && process.cgroup_path != path {
-                process.cgroup_path = path;
             }
             process.last_seen = now;
             let alive = process.exited_at.is_none();
@@ -342,7 +353,8 @@ impl Accounting {
             }
         }
         let slots = &self.workload_slots;
-        self.cgroup_slots.retain(|_, (slot, _)| slots[*slot].is_some());
+        self.cgroup_slots
+            .retain(|_, (slot, _)| slots[*slot].is_some());
     }
 }
 
@@ -403,8 +415,9 @@ mod tests {
         };
         accounting.apply(&second, at(2), Duration::from_secs(1), &[0], &mut resolver);
 
-        let container =
-            &accounting.workloads()[&Arc::<str>::from(format!("container:{CONTAINER}"))];
+        let container = accounting
+            .workload(&format!("container:{CONTAINER}"))
+            .unwrap();
         assert_eq!(total_ns(&container.cpu_ns_by_socket), 600);
         assert_eq!(container.interval_ns, 200);
         assert_eq!(container.interval_seq, 2);

@@ -269,7 +269,7 @@ fn process_json<'a>(snapshot: &'a Snapshot, process: &'a ProcessView) -> Process
             .and_then(|w| w.workload.pod())
             .map(|p| p.uid.as_str()),
         workload: workload.map_or("host", |w| &*w.key),
-        cgroup_path: process.cgroup_path.as_deref(),
+        cgroup_path: snapshot.cgroup_paths.get(&process.cgroup_id).map(|p| &**p),
         cpu_seconds: total_seconds(&process.cpu_ns_by_socket),
         cpu_seconds_by_socket: socket_seconds(&process.cpu_ns_by_socket, sockets(snapshot)),
         cpu_cores: cores(process.interval_ns, snapshot),

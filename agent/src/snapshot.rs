@@ -6,6 +6,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use crate::{
@@ -19,7 +20,6 @@ pub struct ProcessView {
     pub key: ProcessKey,
     pub comm: Comm,
     pub cgroup_id: u64,
-    pub cgroup_path: Option<Arc<str>>,
     /// Index into `Snapshot::workloads`.
     pub workload: usize,
     pub cpu_ns_by_socket: SocketNs,
@@ -72,6 +72,8 @@ pub struct Snapshot {
     pub sockets: usize,
     pub processes: Vec<ProcessView>,
     pub workloads: Vec<WorkloadView>,
+    /// Paths of the cgroups processes are in, by cgroup id.
+    pub cgroup_paths: FxHashMap<u64, Arc<str>>,
     pub node: NodeView,
     pub losses: Vec<(&'static str, u64)>,
     pub sources: Vec<SourceStatus>,
@@ -91,6 +93,7 @@ impl Snapshot {
             sockets: 1,
             processes: Vec::new(),
             workloads: Vec::new(),
+            cgroup_paths: FxHashMap::default(),
             node: NodeView::default(),
             losses: Vec::new(),
             sources: Vec::new(),
@@ -114,7 +117,11 @@ impl Snapshot {
                 workload: Arc::clone(&w.workload),
                 cgroup_path: w.cgroup_path.clone(),
                 cpu_ns_by_socket: w.cpu_ns_by_socket,
-                interval_ns: if w.interval_seq == seq { w.interval_ns } else { 0 },
+                interval_ns: if w.interval_seq == seq {
+                    w.interval_ns
+                } else {
+                    0
+                },
                 first_seen: w.first_seen,
                 last_seen: w.last_seen,
                 exited_at: w.exited_at,
@@ -128,10 +135,13 @@ impl Snapshot {
                 key: *key,
                 comm: p.comm,
                 cgroup_id: p.cgroup_id,
-                cgroup_path: p.cgroup_path.clone(),
                 workload: index_of_slot.get(p.workload).copied().unwrap_or(usize::MAX),
                 cpu_ns_by_socket: p.cpu_ns_by_socket,
-                interval_ns: if p.interval_seq == seq { p.interval_ns } else { 0 },
+                interval_ns: if p.interval_seq == seq {
+                    p.interval_ns
+                } else {
+                    0
+                },
                 first_seen: p.first_seen,
                 last_seen: p.last_seen,
                 exited: p.exited_at.is_some(),
@@ -147,6 +157,10 @@ impl Snapshot {
             sockets: base.sockets,
             processes,
             workloads,
+            cgroup_paths: accounting
+                .cgroup_paths()
+                .map(|(id, path)| (id, Arc::clone(path)))
+                .collect(),
             node: NodeView {
                 busy_ns_by_cpu: node.busy_ns_by_cpu.clone(),
                 idle_ns_by_cpu: node.idle_ns_by_cpu.clone(),

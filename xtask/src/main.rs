@@ -109,7 +109,18 @@ fn main() -> anyhow::Result<()> {
             if !is_root() {
                 bail!("the benchmarks load kernel programs: run as root");
             }
-            cargo(&root, &["build", "--release", "--package", "agent", "--package", "integration-tests", "--bins"])?;
+            cargo(
+                &root,
+                &[
+                    "build",
+                    "--release",
+                    "--package",
+                    "agent",
+                    "--package",
+                    "integration-tests",
+                    "--bins",
+                ],
+            )?;
             let mut cargo_args: Vec<OsString> = [
                 "run",
                 "--release",

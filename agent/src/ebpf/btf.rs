@@ -172,7 +172,13 @@ impl<'a> Btf<'a> {
     fn resolve(&self, mut id: u32) -> u32 {
         for _ in 0..32 {
             match self.header(id) {
-                Some((KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG, _, _, target, _)) => {
+                Some((
+                    KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG,
+                    _,
+                    _,
+                    target,
+                    _,
+                )) => {
                     id = target;
                 }
                 _ => break,
@@ -204,12 +210,12 @@ impl<'a> Btf<'a> {
                     member: (*member_name).to_owned(),
                 });
             }
-            let (bits, member) = self
-                .find_member(type_id, member_name, 0)
-                .ok_or_else(|| BtfError::NoMember {
-                    strukt: current_name.clone(),
-                    member: (*member_name).to_owned(),
-                })?;
+            let (bits, member) =
+                self.find_member(type_id, member_name, 0)
+                    .ok_or_else(|| BtfError::NoMember {
+                        strukt: current_name.clone(),
+                        member: (*member_name).to_owned(),
+                    })?;
             if member.bitfield_size != 0 || bits % 8 != 0 {
                 return Err(BtfError::BitField {
                     strukt: current_name,
@@ -256,7 +262,13 @@ impl<'a> Btf<'a> {
         let mut out = Vec::with_capacity(24 + types.len() + strings.len());
         out.extend_from_slice(&MAGIC.to_le_bytes());
         out.extend_from_slice(&[1, 0]);
-        for word in [24u32, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
+        for word in [
+            24u32,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ] {
             out.extend_from_slice(&word.to_le_bytes());
         }
         out.extend_from_slice(&types);
@@ -418,7 +430,8 @@ pub(crate) mod tests {
             ],
         );
         assert!(task > 0);
-        let btf = Btf::parse(&b.build()).unwrap();
+        let data = b.build();
+        let btf = Btf::parse(&data).unwrap();
         assert_eq!(
             btf.member_offset("task_struct", &["se", "sum_exec_runtime"]),
             Ok(128 + 32)
@@ -454,13 +467,17 @@ pub(crate) mod tests {
         let full = Btf::parse(&data).unwrap();
         let small_bytes = full.attach_points_only(&[(KIND_TYPEDEF, "btf_trace_sched_switch")]);
         let small = Btf::parse(&small_bytes).unwrap();
-        assert_eq!(small.type_id(KIND_TYPEDEF, "btf_trace_sched_switch"), Some(typedef));
+        assert_eq!(
+            small.type_id(KIND_TYPEDEF, "btf_trace_sched_switch"),
+            Some(typedef)
+        );
         assert_eq!(small.type_id(KIND_TYPEDEF, "unrelated"), None);
         assert_eq!(full.type_id(KIND_TYPEDEF, "unrelated"), Some(other));
         // aya reads the stand-in the same way.
         let aya = aya::Btf::parse(&small_bytes, aya::Endianness::default()).unwrap();
         assert_eq!(
-            aya.id_by_type_name_kind("btf_trace_sched_switch", aya_obj_kind_typedef()).ok(),
+            aya.id_by_type_name_kind("btf_trace_sched_switch", aya_obj_kind_typedef())
+                .ok(),
             Some(typedef)
         );
     }

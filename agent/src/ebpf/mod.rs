@@ -6,11 +6,7 @@
 
 pub mod btf;
 
-use std::{
-    collections::HashSet,
-    io::Read as _,
-    path::PathBuf,
-};
+use std::{collections::HashSet, io::Read as _, path::PathBuf};
 
 use agent_common::{
     ExitedKey, ExitedValue, KernelOffsets, LossCounter, MAX_SOCKETS, TaskRecord,
@@ -122,6 +118,8 @@ pub fn record_usage(record: &TaskRecord) -> ProcessUsage {
 struct ExitedTrack {
     /// Cumulative values already reported.
     reported: [u64; MAX_SOCKETS],
+    /// `threads_exited` when the process was last checked for being alive.
+    threads_exited_checked: u64,
     /// The process is confirmed gone; the entry is deleted on the next read
     /// that finds it unchanged.
     process_gone: bool,
@@ -155,9 +153,10 @@ pub struct EbpfCpuSource {
 }
 
 /// Every this many reads, the live set is checked against `/proc` to retire
-/// processes that left no trace in `EXITED` (a thread can exit with nothing
-/// left to flush when a read drained it a moment before).
-const LIVENESS_SWEEP_EVERY: u64 = 10;
+/// processes that left no trace in `EXITED` (only when that map was full:
+/// every thread's last switch leaves an entry). Listing /proc costs ~15 ms
+/// of CPU with 10,000 processes, hence the long period.
+const LIVENESS_SWEEP_EVERY: u64 = 60;
 
 impl EbpfCpuSource {
     pub fn load(options: &EbpfOptions, topology: Topology) -> Result<Self, EbpfLoadError> {
@@ -200,6 +199,7 @@ impl EbpfCpuSource {
             .allow_unsupported_maps()
             .override_global(GLOBAL_OFFSETS, &offsets, true)
             .override_global(GLOBAL_CPU_TO_SOCKET, &cpu_table, true)
+            .override_global(names::GLOBAL_SOCKETS, &(topology.sockets() as u32), true)
             .load(KERNEL_OBJECT)?;
 
         // 1. Baseline: past run time of existing threads is not ours to report.
@@ -339,17 +339,20 @@ impl EbpfCpuSource {
                 if exited.remove(&key).is_ok() {
                     track.deleted = true;
                 }
-            } else if !track.process_gone
-                && !procinfo::process_alive(
+            } else if !track.process_gone && value.threads_exited != track.threads_exited_checked {
+                // A thread ended since we last looked: is it the whole process?
+                track.threads_exited_checked = value.threads_exited;
+                let alive = procinfo::process_alive(
                     &self.procfs_root,
                     key.tgid,
                     key.process_start_ns,
                     self.clock_ticks_per_second,
-                )
-            {
-                track.process_gone = true;
-                reading.exited.push(process);
-                self.live.remove(&key.tgid);
+                );
+                if !alive {
+                    track.process_gone = true;
+                    reading.exited.push(process);
+                    self.live.remove(&key.tgid);
+                }
             }
         }
         // Forget deleted tracks after a few reads.
@@ -588,7 +591,13 @@ mod tests {
         let usage = record_usage(&record(3, runtime, 50, 2));
         assert_eq!(usage.runtime_ns_by_socket, runtime);
         assert_eq!(usage.comm.as_str(), "burn");
-        assert_eq!(usage.key, ProcessKey { pid: 3, start_ns: 42 });
+        assert_eq!(
+            usage.key,
+            ProcessKey {
+                pid: 3,
+                start_ns: 42
+            }
+        );
     }
 
     #[test]

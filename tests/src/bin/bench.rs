@@ -38,14 +38,24 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     let switch_seconds = if quick { 3 } else { 10 };
-    let (processes, cgroups, measure_seconds) = if quick { (1_000, 100, 5) } else { (10_000, 1_000, 20) };
+    let (processes, cgroups, measure_seconds) = if quick {
+        (1_000, 100, 5)
+    } else {
+        (10_000, 1_000, 20)
+    };
 
     println!("powerlens benchmarks (kernel {})", kernel_release());
     let switch = bench_switch_path(switch_seconds)?;
-    let agent = bench_agent(processes, cgroups, measure_seconds)?;
+    // Typical node: most processes sleep; each wakes every 10 s.
+    let typical = bench_agent(processes, cgroups, measure_seconds, 10_000)?;
+    // Stress: every process runs in every interval.
+    let stress = bench_agent(processes, cgroups, measure_seconds, 1_000)?;
 
     println!();
-    println!("{:<58} {:>12} {:>10} {:>8}", "figure", "measured", "goal", "ratio");
+    println!(
+        "{:<58} {:>12} {:>10} {:>8}",
+        "figure", "measured", "goal", "ratio"
+    );
     let row = |name: &str, measured: f64, unit: &str, goal: f64| {
         println!(
             "{:<58} {:>9.2} {:<2} {:>7.1} {:<2} {:>7.2}{}",
@@ -76,17 +86,33 @@ fn main() -> anyhow::Result<()> {
         "{:<58} {:>9.0} /s   (during the measurement)",
         "context switches", switch.switches_per_second
     );
-    row(
-        &format!("agent CPU per interval, {processes} processes / {cgroups} cgroups"),
-        agent.cpu_ms_per_interval,
-        "ms",
-        CPU_PER_INTERVAL_GOAL_MS,
-    );
-    row("agent peak RSS", agent.peak_rss_mib, "Mi", RSS_GOAL_MIB);
-    println!(
-        "{:<58} {:>9}      (live processes the agent tracked)",
-        "processes seen", agent.live_processes
-    );
+    for (label, agent) in [
+        ("each wakes every 10 s", &typical),
+        ("all run every interval", &stress),
+    ] {
+        println!("agent, {processes} live processes in {cgroups} cgroups, {label}:");
+        row(
+            "  CPU per 1 s interval (user + system)",
+            agent.cpu_ms_per_interval,
+            "ms",
+            CPU_PER_INTERVAL_GOAL_MS,
+        );
+        println!(
+            "{:<58} {:>9.2} ms user, {:.2} ms system (clock ticks)",
+            "    of which", agent.user_ms_per_interval, agent.system_ms_per_interval
+        );
+        println!(
+            "{:<58} {:>9.0} ns   x {:.0} threads per interval",
+            "    task iterator program, per thread visited",
+            agent.iterator_ns_per_thread,
+            agent.threads_per_interval
+        );
+        row("  peak RSS", agent.peak_rss_mib, "Mi", RSS_GOAL_MIB);
+        println!(
+            "{:<58} {:>9}      (live processes the agent tracked)",
+            "  processes seen", agent.live_processes
+        );
+    }
     Ok(())
 }
 
@@ -108,7 +134,7 @@ fn run_stats(program: &Program) -> anyhow::Result<(u64, u64)> {
 }
 
 fn bench_switch_path(seconds: u64) -> anyhow::Result<SwitchResult> {
-    println!("[1/2] switch path: {seconds} s of pipe ping-pong with both programs attached");
+    println!("[switch path] {seconds} s of pipe ping-pong with both programs attached");
     // Keep the fd: statistics stay on while it is open.
     let _stats = enable_stats(Stats::RunTime).context("enabling BPF run-time statistics")?;
     let topology = Topology::read(Path::new("/sys"))?;
@@ -128,10 +154,24 @@ fn bench_switch_path(seconds: u64) -> anyhow::Result<SwitchResult> {
     empty.load("sched_switch", &btf)?;
     empty.attach()?;
 
-    let before_ours = run_stats(source.ebpf_mut().program(names::SCHED_SWITCH).context("sched_switch")?)?;
-    let before_empty = run_stats(source.ebpf_mut().program(names::EMPTY_SCHED_SWITCH).context("empty")?)?;
+    let before_ours = run_stats(
+        source
+            .ebpf_mut()
+            .program(names::SCHED_SWITCH)
+            .context("sched_switch")?,
+    )?;
+    let before_empty = run_stats(
+        source
+            .ebpf_mut()
+            .program(names::EMPTY_SCHED_SWITCH)
+            .context("empty")?,
+    )?;
     let started = Instant::now();
-    let load = spawn_in(None, &workload_binary(), &["pingpong", &seconds.to_string()]);
+    let load = spawn_in(
+        None,
+        &workload_binary(),
+        &["pingpong", &seconds.to_string()],
+    );
     // Read as the agent does, so the in-progress claims and drains run too.
     while started.elapsed() < Duration::from_secs(seconds) {
         std::thread::sleep(Duration::from_secs(1));
@@ -139,8 +179,18 @@ fn bench_switch_path(seconds: u64) -> anyhow::Result<SwitchResult> {
     }
     let output = load.wait_output();
     let elapsed = started.elapsed().as_secs_f64();
-    let after_ours = run_stats(source.ebpf_mut().program(names::SCHED_SWITCH).context("sched_switch")?)?;
-    let after_empty = run_stats(source.ebpf_mut().program(names::EMPTY_SCHED_SWITCH).context("empty")?)?;
+    let after_ours = run_stats(
+        source
+            .ebpf_mut()
+            .program(names::SCHED_SWITCH)
+            .context("sched_switch")?,
+    )?;
+    let after_empty = run_stats(
+        source
+            .ebpf_mut()
+            .program(names::EMPTY_SCHED_SWITCH)
+            .context("empty")?,
+    )?;
     let ours_count = after_ours.1 - before_ours.1;
     let empty_count = after_empty.1 - before_empty.1;
     if ours_count == 0 || empty_count == 0 {
@@ -156,6 +206,10 @@ fn bench_switch_path(seconds: u64) -> anyhow::Result<SwitchResult> {
 
 struct AgentResult {
     cpu_ms_per_interval: f64,
+    user_ms_per_interval: f64,
+    system_ms_per_interval: f64,
+    iterator_ns_per_thread: f64,
+    threads_per_interval: f64,
     peak_rss_mib: f64,
     live_processes: usize,
 }
@@ -163,6 +217,25 @@ struct AgentResult {
 /// CPU time of all threads of `pid`, in ns (scheduler run time).
 fn process_cpu_ns(pid: u32) -> u64 {
     integration_tests::process_schedstat_ns(pid)
+}
+
+/// (utime, stime) of a process in clock ticks.
+fn user_system_ticks(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let stat = powerlens::procinfo::read_stat(Path::new("/proc"), pid).context("agent stat")?;
+    Ok((stat.utime, stat.stime))
+}
+
+/// (run time ns, runs) of the agent's task iterator program, summed over
+/// loaded instances (the kernel truncates names to 15 characters).
+fn iterator_stats() -> anyhow::Result<(u64, u64)> {
+    let mut total = (0, 0);
+    for info in aya::programs::loaded_programs().flatten() {
+        if info.name_as_str() == Some(names::DUMP_TASKS) {
+            total.0 += info.run_time().as_nanos() as u64;
+            total.1 += info.run_count();
+        }
+    }
+    Ok(total)
 }
 
 fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
@@ -174,8 +247,15 @@ fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
         .context("VmHWM in /proc/<pid>/status")
 }
 
-fn bench_agent(processes: usize, cgroups: usize, seconds: u64) -> anyhow::Result<AgentResult> {
-    println!("[2/2] agent: {processes} live processes in {cgroups} cgroups, {seconds} s measured at a 1 s interval");
+fn bench_agent(
+    processes: usize,
+    cgroups: usize,
+    seconds: u64,
+    period_ms: u64,
+) -> anyhow::Result<AgentResult> {
+    println!(
+        "[agent] {processes} live processes in {cgroups} cgroups waking every {period_ms} ms, {seconds} s measured at a 1 s interval"
+    );
     let per_cgroup = processes / cgroups;
     let agent = Agent::start_with_interval("1s", &[]);
     let parent = TestCgroup::create(&format!("powerlens-bench-{}.slice", random_hex(8)));
@@ -188,12 +268,16 @@ fn bench_agent(processes: usize, cgroups: usize, seconds: u64) -> anyhow::Result
             ))
         })
         .collect();
-    let dirs: Vec<String> = leaves.iter().map(|c| c.path.display().to_string()).collect();
+    let dirs: Vec<String> = leaves
+        .iter()
+        .map(|c| c.path.display().to_string())
+        .collect();
     let mut command = Command::new(workload_binary());
     command
         .arg("swarm")
         .arg((seconds + 60).to_string())
         .arg(per_cgroup.to_string())
+        .arg(period_ms.to_string())
         .args(&dirs)
         .stdout(Stdio::piped());
     let mut swarm = ChildGuard {
@@ -207,14 +291,27 @@ fn bench_agent(processes: usize, cgroups: usize, seconds: u64) -> anyhow::Result
     agent.wait_intervals(1);
 
     let pid = agent.pid();
+    let _stats = enable_stats(Stats::RunTime).context("enabling BPF run-time statistics")?;
+    let iterator_before = iterator_stats()?;
+    let ticks_before = user_system_ticks(pid)?;
     let cpu_before = process_cpu_ns(pid);
     let sequence_before = agent.sequence();
     std::thread::sleep(Duration::from_secs(seconds));
     let cpu_after = process_cpu_ns(pid);
     let sequence_after = agent.sequence();
+    let ticks_after = user_system_ticks(pid)?;
+    let iterator_after = iterator_stats()?;
     let peak_rss_mib = peak_rss_kib(pid)? as f64 / 1024.0;
     let intervals = (sequence_after - sequence_before).max(1);
     let cpu_ms_per_interval = (cpu_after - cpu_before) as f64 / 1e6 / intervals as f64;
+    let tick_ms = 1000.0 / powerlens::procinfo::clock_ticks_per_second() as f64;
+    let user_ms_per_interval = (ticks_after.0 - ticks_before.0) as f64 * tick_ms / intervals as f64;
+    let system_ms_per_interval =
+        (ticks_after.1 - ticks_before.1) as f64 * tick_ms / intervals as f64;
+    let iterator_runs = iterator_after.1.saturating_sub(iterator_before.1).max(1);
+    let iterator_ns_per_thread =
+        (iterator_after.0 - iterator_before.0) as f64 / iterator_runs as f64;
+    let threads_per_interval = iterator_runs as f64 / intervals as f64;
 
     let (_, list) = agent.get("/api/v1/processes");
     let live_processes = list
@@ -227,6 +324,10 @@ fn bench_agent(processes: usize, cgroups: usize, seconds: u64) -> anyhow::Result
     drop(parent);
     Ok(AgentResult {
         cpu_ms_per_interval,
+        user_ms_per_interval,
+        system_ms_per_interval,
+        iterator_ns_per_thread,
+        threads_per_interval,
         peak_rss_mib,
         live_processes,
     })

@@ -9,9 +9,9 @@
 //! - `sleep SECONDS`: sleeps (a live process that never runs).
 //! - `pingpong SECONDS`: two threads hand a byte back and forth over pipes
 //!   (thousands of context switches per second).
-//! - `swarm SECONDS PER_CGROUP DIR...`: forks PER_CGROUP children into each
-//!   cgroup directory; each wakes about once a second to burn ~50 us, for
-//!   SECONDS. Forked children share the parent's pages, so 10,000 of them
+//! - `swarm SECONDS PER_CGROUP PERIOD_MS DIR...`: forks PER_CGROUP children
+//!   into each cgroup directory; each wakes every PERIOD_MS to burn ~50 us,
+//!   for SECONDS. Forked children share the parent's pages, so 10,000 of them
 //!   fit in memory. Prints `ready` once all are running.
 
 use std::{
@@ -146,7 +146,8 @@ fn main() {
 fn swarm(args: &[String]) {
     let seconds: f64 = arg(args, 2, "seconds");
     let per_cgroup: usize = arg(args, 3, "children per cgroup");
-    let dirs = &args[4..];
+    let period = Duration::from_millis(arg(args, 4, "wake-up period (ms)"));
+    let dirs = &args[5..];
     let end = Instant::now() + Duration::from_secs_f64(seconds);
     let mut children = Vec::with_capacity(dirs.len() * per_cgroup);
     for (index, dir) in dirs.iter().enumerate() {
@@ -161,12 +162,17 @@ fn swarm(args: &[String]) {
             let pid = unsafe { libc::fork() };
             if pid == 0 {
                 unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
-                // Spread wake-ups over the second.
-                let offset = Duration::from_micros(((index * per_cgroup + child_index) * 997 % 1_000_000) as u64);
+                // Run once now (so the agent sees every process), then spread
+                // the wake-ups over the period.
+                burn_cpu(Duration::from_micros(50));
+                let spread = period.as_micros().max(1) as usize;
+                let offset = Duration::from_micros(
+                    ((index * per_cgroup + child_index) * 997 % spread) as u64,
+                );
                 std::thread::sleep(offset);
                 while Instant::now() < end {
                     burn_cpu(Duration::from_micros(50));
-                    std::thread::sleep(Duration::from_secs(1));
+                    std::thread::sleep(period);
                     // SAFETY: no preconditions.
                     if unsafe { libc::getppid() } == 1 {
                         break;
