@@ -12,6 +12,7 @@ pub mod collector;
 pub mod config;
 pub mod cpu;
 pub mod ebpf;
+pub mod energy;
 pub mod procinfo;
 pub mod snapshot;
 pub mod table;

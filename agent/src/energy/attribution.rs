@@ -1,0 +1,240 @@
+//! Splitting one domain's measured energy over one interval between the
+//! workloads that were active on it, so that the books always balance:
+//! for every domain and interval,
+//! `sum over workloads + idle + unattributed == measured`.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+/// What happens to a domain's idle energy (what it would draw doing nothing).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IdlePolicy {
+    /// Idle energy stays in the node's `idle` bucket (default: a workload
+    /// pays for what it adds, not for the machine being on).
+    #[default]
+    Unattributed,
+    /// Shared evenly by the workloads active in the interval.
+    Even,
+    /// Shared in proportion to the workloads' activity (CPU time).
+    Proportional,
+}
+
+/// One domain-interval split.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Split<K> {
+    /// (workload, dynamic joules, idle joules) for each active workload.
+    pub shares: Vec<(K, f64, f64)>,
+    /// Idle energy not given to workloads.
+    pub idle: f64,
+    /// Dynamic energy with no workload to charge (nothing ran).
+    pub unattributed: f64,
+}
+
+/// Splits `measured` joules: `idle_joules` (clamped into 0..=measured) is
+/// the idle part; the rest, the dynamic part, goes to the workloads in
+/// proportion to their `activity` (e.g. CPU ns on the domain's socket).
+/// Negative or non-finite activities count as zero.
+pub fn split<K: Copy>(
+    measured: f64,
+    idle_joules: f64,
+    activity: &[(K, f64)],
+    policy: IdlePolicy,
+) -> Split<K> {
+    let measured = if measured.is_finite() {
+        measured.max(0.0)
+    } else {
+        0.0
+    };
+    let idle_joules = if idle_joules.is_finite() {
+        idle_joules.clamp(0.0, measured)
+    } else {
+        0.0
+    };
+    let dynamic = measured - idle_joules;
+    let weight = |a: f64| if a.is_finite() && a > 0.0 { a } else { 0.0 };
+    let total: f64 = activity.iter().map(|(_, a)| weight(*a)).sum();
+    let active = activity.iter().filter(|(_, a)| weight(*a) > 0.0).count();
+    if total <= 0.0 || active == 0 {
+        return Split {
+            shares: Vec::new(),
+            idle: idle_joules,
+            unattributed: dynamic,
+        };
+    }
+    let mut shares = Vec::with_capacity(active);
+    let mut given_dynamic = 0.0;
+    let mut given_idle = 0.0;
+    for (key, a) in activity {
+        let a = weight(*a);
+        if a <= 0.0 {
+            continue;
+        }
+        let fraction = a / total;
+        let idle_share = match policy {
+            IdlePolicy::Unattributed => 0.0,
+            IdlePolicy::Even => idle_joules / active as f64,
+            IdlePolicy::Proportional => idle_joules * fraction,
+        };
+        given_dynamic += dynamic * fraction;
+        given_idle += idle_share;
+        shares.push((*key, dynamic * fraction, idle_share));
+    }
+    // Whatever rounding left over stays in the node buckets, so the sum is
+    // exact to the last bit of `measured`.
+    Split {
+        shares,
+        idle: idle_joules - given_idle,
+        unattributed: dynamic - given_dynamic,
+    }
+}
+
+/// Idle power of one domain: configured, or learned as a low percentile of
+/// the power observed over a window (the machine is idle some of the time,
+/// and the low end of what it draws is what it draws doing nothing).
+#[derive(Clone, Debug)]
+pub struct IdleBaseline {
+    configured_watts: Option<f64>,
+    window: VecDeque<f64>,
+    capacity: usize,
+    percentile: f64,
+}
+
+impl IdleBaseline {
+    /// Learned: the `percentile` (0..1) of the last `capacity` samples.
+    pub fn learned(capacity: usize, percentile: f64) -> Self {
+        Self {
+            configured_watts: None,
+            window: VecDeque::with_capacity(capacity),
+            capacity: capacity.max(1),
+            percentile: percentile.clamp(0.0, 1.0),
+        }
+    }
+
+    pub fn configured(watts: f64) -> Self {
+        Self {
+            configured_watts: Some(watts.max(0.0)),
+            window: VecDeque::new(),
+            capacity: 1,
+            percentile: 0.0,
+        }
+    }
+
+    pub fn observe(&mut self, watts: f64) {
+        if self.configured_watts.is_some() || !watts.is_finite() || watts < 0.0 {
+            return;
+        }
+        if self.window.len() == self.capacity {
+            self.window.pop_front();
+        }
+        self.window.push_back(watts);
+    }
+
+    /// The idle power in watts (0 before any sample).
+    pub fn watts(&self) -> f64 {
+        if let Some(watts) = self.configured_watts {
+            return watts;
+        }
+        if self.window.is_empty() {
+            return 0.0;
+        }
+        let mut sorted: Vec<f64> = self.window.iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        let rank = ((sorted.len() - 1) as f64 * self.percentile).round() as usize;
+        sorted[rank]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn sum(split: &Split<u32>) -> f64 {
+        split.shares.iter().map(|(_, d, i)| d + i).sum::<f64>() + split.idle + split.unattributed
+    }
+
+    #[test]
+    fn dynamic_energy_follows_activity() {
+        let split = split(
+            100.0,
+            20.0,
+            &[(1u32, 3.0), (2, 1.0)],
+            IdlePolicy::Unattributed,
+        );
+        assert_eq!(split.shares, vec![(1, 60.0, 0.0), (2, 20.0, 0.0)]);
+        assert_eq!(split.idle, 20.0);
+        assert_eq!(split.unattributed, 0.0);
+    }
+
+    #[test]
+    fn idle_policies() {
+        let even = split(
+            100.0,
+            20.0,
+            &[(1u32, 3.0), (2, 1.0), (3, 0.0)],
+            IdlePolicy::Even,
+        );
+        assert_eq!(even.shares, vec![(1, 60.0, 10.0), (2, 20.0, 10.0)]);
+        assert!(even.idle.abs() < 1e-12);
+        let proportional = split(
+            100.0,
+            20.0,
+            &[(1u32, 3.0), (2, 1.0)],
+            IdlePolicy::Proportional,
+        );
+        assert_eq!(proportional.shares, vec![(1, 60.0, 15.0), (2, 20.0, 5.0)]);
+    }
+
+    #[test]
+    fn nothing_ran_means_unattributed() {
+        let split = split(10.0, 4.0, &[(1u32, 0.0)], IdlePolicy::Even);
+        assert!(split.shares.is_empty());
+        assert_eq!((split.idle, split.unattributed), (4.0, 6.0));
+    }
+
+    #[test]
+    fn idle_above_measured_is_clamped() {
+        let split = split(10.0, 50.0, &[(1u32, 1.0)], IdlePolicy::Unattributed);
+        assert_eq!(split.idle, 10.0);
+        assert_eq!(split.shares, vec![(1, 0.0, 0.0)]);
+    }
+
+    #[test]
+    fn learned_baseline_is_a_low_percentile() {
+        let mut baseline = IdleBaseline::learned(100, 0.05);
+        for watts in (0..100).map(f64::from) {
+            baseline.observe(watts + 10.0);
+        }
+        assert_eq!(baseline.watts(), 15.0);
+        baseline.observe(f64::NAN);
+        assert_eq!(IdleBaseline::configured(7.5).watts(), 7.5);
+    }
+
+    proptest! {
+        /// The books balance whatever the inputs.
+        #[test]
+        fn conservation(
+            measured in 0.0f64..1e6,
+            idle in -10.0f64..2e6,
+            activity in proptest::collection::vec(-1.0f64..1e9, 0..50),
+            policy in prop_oneof![Just(IdlePolicy::Unattributed), Just(IdlePolicy::Even), Just(IdlePolicy::Proportional)],
+        ) {
+            let activity: Vec<(u32, f64)> = activity.into_iter().enumerate().map(|(i, a)| (i as u32, a)).collect();
+            let split = split(measured, idle, &activity, policy);
+            prop_assert!((sum(&split) - measured).abs() <= 1e-9 * measured.max(1.0));
+            prop_assert!(split.shares.iter().all(|(_, d, i)| *d >= 0.0 && *i >= 0.0));
+            prop_assert!(split.idle >= -1e-9 && split.unattributed >= -1e-9);
+        }
+
+        /// Shares are proportional to activity.
+        #[test]
+        fn proportionality(a in 1.0f64..1e9, b in 1.0f64..1e9, measured in 1.0f64..1e4) {
+            let split = split(measured, 0.0, &[(1u32, a), (2, b)], IdlePolicy::Unattributed);
+            let ratio = split.shares[0].1 / split.shares[1].1;
+            prop_assert!((ratio - a / b).abs() <= 1e-9 * (a / b));
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! RAPL energy counters through the powercap interface
+//! (`/sys/class/powercap/intel-rapl:N[:M]/{name,energy_uj,max_energy_range_uj}`).
+//! AMD processors expose the same interface. Each zone fails alone.
+
+use std::path::{Path, PathBuf};
+
+use super::{
+    Domain, DomainEnergy, DomainId, EnergyError, EnergyMethod, SourceHealth,
+    counter::counter_delta, read_u64,
+};
+
+#[derive(Clone, Debug)]
+struct Zone {
+    dir: PathBuf,
+    id: DomainId,
+    max_range_uj: u64,
+    last_uj: Option<u64>,
+    error: Option<String>,
+}
+
+/// A reading of every zone: energies of the zones that could be read, and
+/// the errors of those that could not.
+#[derive(Debug, Default)]
+pub struct RaplReading {
+    pub energies: Vec<DomainEnergy>,
+    pub errors: Vec<(PathBuf, EnergyError)>,
+}
+
+pub struct RaplSource {
+    root: PathBuf,
+    zones: Vec<Zone>,
+}
+
+/// `package-1` → (Package, 1); `core` → (Core, parent's socket); `psys` → Psys.
+pub fn classify_zone(name: &str, parent_socket: Option<u32>) -> Option<DomainId> {
+    let name = name.trim();
+    if let Some(socket) = name.strip_prefix("package-") {
+        return Some(DomainId {
+            domain: Domain::Package,
+            index: socket.parse().ok()?,
+        });
+    }
+    let domain = match name {
+        "core" => Domain::Core,
+        "uncore" => Domain::Uncore,
+        "dram" => Domain::Dram,
+        "psys" => Domain::Psys,
+        _ => return None,
+    };
+    let index = if domain == Domain::Psys {
+        0
+    } else {
+        parent_socket.unwrap_or(0)
+    };
+    Some(DomainId { domain, index })
+}
+
+impl RaplSource {
+    /// Finds the zones under `root`; `Ok(None)` when there is no RAPL zone.
+    pub fn discover(root: &Path) -> Result<Option<Self>, EnergyError> {
+        let entries = std::fs::read_dir(root).map_err(|source| EnergyError::Io {
+            path: root.to_owned(),
+            source,
+        })?;
+        let mut zones = Vec::new();
+        let mut tops: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| is_top_zone(p))
+            .collect();
+        tops.sort();
+        for top in tops {
+            let Some(id) = zone_id(&top, None) else {
+                continue;
+            };
+            let parent_socket = (id.domain == Domain::Package).then_some(id.index);
+            zones.push(new_zone(top.clone(), id));
+            let Ok(children) = std::fs::read_dir(&top) else {
+                continue;
+            };
+            let mut subs: Vec<PathBuf> = children
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| is_sub_zone(p))
+                .collect();
+            subs.sort();
+            for sub in subs {
+                if let Some(id) = zone_id(&sub, parent_socket) {
+                    zones.push(new_zone(sub, id));
+                }
+            }
+        }
+        if zones.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            root: root.to_owned(),
+            zones,
+        }))
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn domains(&self) -> Vec<DomainId> {
+        self.zones.iter().map(|z| z.id).collect()
+    }
+
+    /// Reads every zone. The first read of a zone only sets its baseline.
+    pub fn read(&mut self) -> RaplReading {
+        let mut reading = RaplReading::default();
+        for zone in &mut self.zones {
+            let path = zone.dir.join("energy_uj");
+            match read_u64(&path) {
+                Ok(now) => {
+                    if let Some(previous) = zone.last_uj {
+                        match counter_delta(previous, now, zone.max_range_uj) {
+                            Some(delta) => reading.energies.push(DomainEnergy {
+                                id: zone.id,
+                                joules: delta as f64 / 1e6,
+                                method: EnergyMethod::Rapl,
+                                uncertainty_joules: None,
+                            }),
+                            None => reading.errors.push((
+                                path.clone(),
+                                EnergyError::Garbage {
+                                    path: path.clone(),
+                                    value: now.to_string(),
+                                    expected: "a counter value within max_energy_range_uj",
+                                },
+                            )),
+                        }
+                    }
+                    zone.last_uj = Some(now);
+                    zone.error = None;
+                }
+                Err(error) => {
+                    zone.error = Some(error.to_string());
+                    reading.errors.push((path, error));
+                }
+            }
+        }
+        reading
+    }
+
+    pub fn health(&self) -> SourceHealth {
+        let failing: Vec<&str> = self
+            .zones
+            .iter()
+            .filter_map(|z| z.error.as_deref())
+            .collect();
+        if failing.is_empty() {
+            SourceHealth::ok("rapl")
+        } else {
+            SourceHealth::failing("rapl", failing.join("; "))
+        }
+    }
+}
+
+fn new_zone(dir: PathBuf, id: DomainId) -> Zone {
+    // A missing range means the counter is not expected to wrap in our
+    // lifetime; 0 disables wrap handling (a decrease is then an error).
+    let max_range_uj = read_u64(&dir.join("max_energy_range_uj")).unwrap_or(0);
+    Zone {
+        dir,
+        id,
+        max_range_uj,
+        last_uj: None,
+        error: None,
+    }
+}
+
+fn zone_name(path: &Path) -> Option<&str> {
+    path.file_name().and_then(|n| n.to_str())
+}
+
+/// `intel-rapl:0` (and AMD's, named the same way).
+fn is_top_zone(path: &Path) -> bool {
+    zone_name(path).is_some_and(|n| n.starts_with("intel-rapl:") && n.matches(':').count() == 1)
+}
+
+/// `intel-rapl:0:1`.
+fn is_sub_zone(path: &Path) -> bool {
+    zone_name(path).is_some_and(|n| n.starts_with("intel-rapl:") && n.matches(':').count() == 2)
+}
+
+fn zone_id(dir: &Path, parent_socket: Option<u32>) -> Option<DomainId> {
+    let name = std::fs::read_to_string(dir.join("name")).ok()?;
+    classify_zone(&name, parent_socket)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Writes a powercap tree like the kernel's: per zone `name`,
+    /// `energy_uj` and `max_energy_range_uj`.
+    pub(crate) fn write_zone(root: &Path, zone: &str, name: &str, energy_uj: u64, max_uj: u64) {
+        let dir = zone
+            .rsplit_once(':')
+            .filter(|_| zone.matches(':').count() == 2)
+            .map_or_else(
+                || root.join(zone),
+                |(parent, _)| root.join(parent).join(zone),
+            );
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("name"), format!("{name}\n")).unwrap();
+        std::fs::write(dir.join("energy_uj"), format!("{energy_uj}\n")).unwrap();
+        std::fs::write(dir.join("max_energy_range_uj"), format!("{max_uj}\n")).unwrap();
+    }
+
+    pub(crate) fn set_energy(root: &Path, zone: &str, energy_uj: u64) {
+        let dir = if zone.matches(':').count() == 2 {
+            let (parent, _) = zone.rsplit_once(':').unwrap();
+            root.join(parent).join(zone)
+        } else {
+            root.join(zone)
+        };
+        std::fs::write(dir.join("energy_uj"), format!("{energy_uj}\n")).unwrap();
+    }
+
+    fn joules(reading: &RaplReading, domain: Domain, index: u32) -> Option<f64> {
+        reading
+            .energies
+            .iter()
+            .find(|e| e.id == DomainId { domain, index })
+            .map(|e| e.joules)
+    }
+
+    #[test]
+    fn classifies_zone_names() {
+        assert_eq!(
+            classify_zone("package-1\n", None),
+            Some(DomainId {
+                domain: Domain::Package,
+                index: 1
+            })
+        );
+        assert_eq!(
+            classify_zone("dram", Some(1)),
+            Some(DomainId {
+                domain: Domain::Dram,
+                index: 1
+            })
+        );
+        assert_eq!(
+            classify_zone("psys", Some(3)),
+            Some(DomainId {
+                domain: Domain::Psys,
+                index: 0
+            })
+        );
+        assert_eq!(classify_zone("package-x", None), None);
+        assert_eq!(classify_zone("mystery", None), None);
+    }
+
+    #[test]
+    fn two_sockets_different_ranges_and_a_wrap() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        write_zone(
+            root,
+            "intel-rapl:0",
+            "package-0",
+            1_000_000,
+            262_143_328_850,
+        );
+        write_zone(root, "intel-rapl:0:0", "core", 500_000, 262_143_328_850);
+        write_zone(root, "intel-rapl:0:1", "dram", 100_000, 65_712_999_613);
+        // Socket 1's counter is near the top of a smaller range.
+        write_zone(root, "intel-rapl:1", "package-1", 9_990_000, 10_000_000);
+        write_zone(root, "intel-rapl:2", "psys", 0, 262_143_328_850);
+        let mut rapl = RaplSource::discover(root).unwrap().expect("zones");
+        assert_eq!(rapl.domains().len(), 5);
+        assert!(
+            rapl.read().energies.is_empty(),
+            "the first read is a baseline"
+        );
+
+        set_energy(root, "intel-rapl:0", 51_000_000); // +50 J
+        set_energy(root, "intel-rapl:0:0", 30_500_000); // +30 J
+        set_energy(root, "intel-rapl:0:1", 5_100_000); // +5 J
+        set_energy(root, "intel-rapl:1", 20_000); // wrapped: +0.03 J
+        set_energy(root, "intel-rapl:2", 70_000_000); // +70 J
+        let reading = rapl.read();
+        assert!(reading.errors.is_empty(), "{:?}", reading.errors);
+        assert_eq!(joules(&reading, Domain::Package, 0), Some(50.0));
+        assert_eq!(joules(&reading, Domain::Core, 0), Some(30.0));
+        assert_eq!(joules(&reading, Domain::Dram, 0), Some(5.0));
+        assert!((joules(&reading, Domain::Package, 1).unwrap() - 0.03).abs() < 1e-9);
+        assert_eq!(joules(&reading, Domain::Psys, 0), Some(70.0));
+    }
+
+    #[test]
+    fn a_garbage_value_fails_that_zone_only_and_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        write_zone(root, "intel-rapl:0", "package-0", 1_000, 1 << 40);
+        write_zone(root, "intel-rapl:1", "package-1", 1_000, 1 << 40);
+        let mut rapl = RaplSource::discover(root).unwrap().unwrap();
+        rapl.read();
+        std::fs::write(root.join("intel-rapl:0/energy_uj"), "banana\n").unwrap();
+        set_energy(root, "intel-rapl:1", 2_001_000);
+        let reading = rapl.read();
+        assert_eq!(joules(&reading, Domain::Package, 1), Some(2.0));
+        assert_eq!(reading.errors.len(), 1);
+        let message = reading.errors[0].1.to_string();
+        assert!(
+            message.contains("intel-rapl:0/energy_uj") && message.contains("banana"),
+            "{message}"
+        );
+        assert_eq!(rapl.health().status, "failing");
+    }
+
+    #[test]
+    fn an_unreadable_counter_names_the_cause() {
+        // Root bypasses file modes, so simulate the kernel's EACCES with a
+        // directory where the file should be... which reads as EISDIR. The
+        // permission path is covered by mapping the error kind directly.
+        let error = EnergyError::Permission {
+            path: PathBuf::from("/sys/class/powercap/intel-rapl:0/energy_uj"),
+            hint: "energy counters are readable by root only since the CVE-2020-8694 fix; run as root or grant CAP_DAC_READ_SEARCH",
+        };
+        let text = error.to_string();
+        assert!(text.contains("CVE-2020-8694") && text.contains("energy_uj"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        write_zone(root, "intel-rapl:0", "package-0", 1_000, 1 << 40);
+        let mut rapl = RaplSource::discover(root).unwrap().unwrap();
+        std::fs::remove_file(root.join("intel-rapl:0/energy_uj")).unwrap();
+        std::fs::create_dir(root.join("intel-rapl:0/energy_uj")).unwrap();
+        let reading = rapl.read();
+        assert_eq!(reading.errors.len(), 1);
+        assert!(reading.errors[0].1.to_string().contains("energy_uj"));
+    }
+
+    #[test]
+    fn no_zones_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(RaplSource::discover(dir.path()).unwrap().is_none());
+    }
+}
