@@ -11,8 +11,64 @@ use rustc_hash::FxHashMap;
 
 use crate::{
     cgroup::Workload,
-    cpu::{Comm, CpuReading, ProcessKey, SocketNs, total_ns},
+    cpu::{Comm, CpuReading, ProcessKey, ProcessUsage, SocketNs, total_ns},
+    energy::{
+        Domain, DomainId, EnergyMethod,
+        attribution::{IdleBaseline, IdlePolicy, split},
+        collector::EnergyInterval,
+    },
 };
+
+/// Joules per domain, indexed by `Domain as usize` (the order of `Domain::ALL`).
+pub type DomainJoules = [f64; Domain::ALL.len()];
+
+/// Energy charged to a process or workload: cumulative, and in the last
+/// interval that charged anything (`seq`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Energy {
+    pub joules: DomainJoules,
+    pub interval_joules: DomainJoules,
+    pub interval_seq: u64,
+}
+
+impl Energy {
+    fn charge(&mut self, domain: Domain, joules: f64, seq: u64) {
+        if self.interval_seq != seq {
+            self.interval_seq = seq;
+            self.interval_joules = [0.0; Domain::ALL.len()];
+        }
+        self.joules[domain as usize] += joules;
+        self.interval_joules[domain as usize] += joules;
+    }
+
+    /// The last interval's joules if it was interval `seq`, else zeros.
+    pub fn interval(&self, seq: u64) -> DomainJoules {
+        if self.interval_seq == seq {
+            self.interval_joules
+        } else {
+            [0.0; Domain::ALL.len()]
+        }
+    }
+}
+
+/// The node's books per domain: measured = attributed + idle + unattributed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NodeEnergy {
+    pub measured: DomainJoules,
+    pub attributed: DomainJoules,
+    pub idle: DomainJoules,
+    pub unattributed: DomainJoules,
+    pub interval_measured: DomainJoules,
+    pub interval_attributed: DomainJoules,
+    pub interval_idle: DomainJoules,
+    pub interval_unattributed: DomainJoules,
+    /// One standard deviation of the last interval's estimates.
+    pub interval_uncertainty: DomainJoules,
+    pub interval_seconds: f64,
+    pub methods: [Option<EnergyMethod>; Domain::ALL.len()],
+    /// Idle power used for each domain in the last interval (watts).
+    pub idle_watts: DomainJoules,
+}
 
 /// How a cgroup id resolves: its workload and path (`None` when the cgroup
 /// vanished before it could be looked up).
@@ -40,6 +96,7 @@ pub struct ProcessEntry {
     /// CPU time in the interval numbered `interval_seq`.
     pub interval_ns: u64,
     pub interval_seq: u64,
+    pub energy: Energy,
     pub first_seen: SystemTime,
     pub last_seen: SystemTime,
     pub exited_at: Option<SystemTime>,
@@ -54,6 +111,7 @@ pub struct WorkloadEntry {
     pub cpu_ns_by_socket: SocketNs,
     pub interval_ns: u64,
     pub interval_seq: u64,
+    pub energy: Energy,
     pub first_seen: SystemTime,
     pub last_seen: SystemTime,
     pub exited_at: Option<SystemTime>,
@@ -82,6 +140,8 @@ pub struct Accounting {
     /// Workload slot of each cgroup id seen.
     cgroup_slots: FxHashMap<u64, (usize, Option<Arc<str>>)>,
     node: NodeCpu,
+    node_energy: NodeEnergy,
+    baselines: FxHashMap<DomainId, IdleBaseline>,
     retention: Duration,
     /// How often a workload without live processes is checked for its
     /// cgroup still existing.
@@ -98,6 +158,8 @@ impl Accounting {
             free_slots: Vec::new(),
             cgroup_slots: FxHashMap::default(),
             node: NodeCpu::default(),
+            node_energy: NodeEnergy::default(),
+            baselines: FxHashMap::default(),
             retention,
             existence_check_every: Duration::from_secs(5),
             seq: 0,
@@ -154,6 +216,7 @@ impl Accounting {
             cpu_ns_by_socket: [0; agent_common::MAX_SOCKETS],
             interval_ns: 0,
             interval_seq: 0,
+            energy: Energy::default(),
             first_seen: now,
             last_seen: now,
             exited_at: None,
@@ -176,6 +239,115 @@ impl Accounting {
 
     pub fn node(&self) -> &NodeCpu {
         &self.node
+    }
+
+    pub fn node_energy(&self) -> &NodeEnergy {
+        &self.node_energy
+    }
+
+    /// Splits one interval's energy, domain by domain, between the processes
+    /// (and so workloads) active on it: CPU domains by CPU time on the
+    /// domain's socket (`psys` by CPU time anywhere), GPUs by each process's
+    /// use of that GPU. Call after `apply` with the same reading.
+    pub fn apply_energy(
+        &mut self,
+        usage: &[ProcessUsage],
+        interval: &EnergyInterval,
+        seconds: f64,
+        policy: IdlePolicy,
+        baseline_for: &dyn Fn(Domain) -> IdleBaseline,
+    ) {
+        let seq = self.seq;
+        let node = &mut self.node_energy;
+        node.interval_measured = [0.0; Domain::ALL.len()];
+        node.interval_attributed = [0.0; Domain::ALL.len()];
+        node.interval_idle = [0.0; Domain::ALL.len()];
+        node.interval_unattributed = [0.0; Domain::ALL.len()];
+        node.interval_uncertainty = [0.0; Domain::ALL.len()];
+        node.interval_seconds = seconds;
+        let pids: FxHashMap<u32, ProcessKey> = if interval.gpu_activity.is_empty() {
+            FxHashMap::default()
+        } else {
+            self.processes
+                .iter()
+                .filter(|(_, p)| p.exited_at.is_none())
+                .map(|(key, _)| (key.pid, *key))
+                .collect()
+        };
+        for energy in &interval.energies {
+            let domain = energy.id.domain;
+            let d = domain as usize;
+            let baseline = self
+                .baselines
+                .entry(energy.id)
+                .or_insert_with(|| baseline_for(domain));
+            if seconds > 0.0 {
+                baseline.observe(energy.joules / seconds);
+            }
+            let idle_watts = baseline.watts();
+            let activity: Vec<(Option<ProcessKey>, f64)> = match domain {
+                Domain::Gpu => interval
+                    .gpu_activity
+                    .iter()
+                    .filter(|(gpu, _, _)| *gpu == energy.id.index)
+                    .map(|(_, pid, weight)| (pids.get(pid).copied(), *weight))
+                    .collect(),
+                Domain::Psys => usage
+                    .iter()
+                    .map(|u| (Some(u.key), total_ns(&u.runtime_ns_by_socket) as f64))
+                    .collect(),
+                _ => usage
+                    .iter()
+                    .map(|u| {
+                        let ns = u
+                            .runtime_ns_by_socket
+                            .get(energy.id.index as usize)
+                            .copied()
+                            .unwrap_or(0);
+                        (Some(u.key), ns as f64)
+                    })
+                    .collect(),
+            };
+            let result = split(energy.joules, idle_watts * seconds, &activity, policy);
+            let mut attributed = 0.0;
+            let mut unattributed = result.unattributed;
+            for (key, dynamic, idle) in result.shares {
+                let joules = dynamic + idle;
+                let charged = key
+                    .and_then(|key| self.processes.get_mut(&key))
+                    .map(|process| {
+                        process.energy.charge(domain, joules, seq);
+                        process.workload
+                    });
+                match charged {
+                    Some(slot) => {
+                        if let Some(workload) = self.workload_slots[slot].as_mut() {
+                            workload.energy.charge(domain, joules, seq);
+                        }
+                        attributed += joules;
+                    }
+                    // A GPU user the CPU accounting has not seen (another
+                    // PID namespace, or gone): the node keeps its energy.
+                    None => unattributed += joules,
+                }
+            }
+            let node = &mut self.node_energy;
+            node.measured[d] += energy.joules;
+            node.attributed[d] += attributed;
+            node.idle[d] += result.idle;
+            node.unattributed[d] += unattributed;
+            node.interval_measured[d] += energy.joules;
+            node.interval_attributed[d] += attributed;
+            node.interval_idle[d] += result.idle;
+            node.interval_unattributed[d] += unattributed;
+            if let Some(sigma) = energy.uncertainty_joules {
+                // Independent per-instance errors add in quadrature.
+                let previous = node.interval_uncertainty[d];
+                node.interval_uncertainty[d] = (previous * previous + sigma * sigma).sqrt();
+            }
+            node.methods[d] = Some(energy.method);
+            node.idle_watts[d] = idle_watts;
+        }
     }
 
     /// Applies one reading that covers `wall` of time on `cpus` online CPUs.
@@ -241,6 +413,7 @@ impl Accounting {
                     cpu_ns_by_socket: [0; agent_common::MAX_SOCKETS],
                     interval_ns: 0,
                     interval_seq: 0,
+                    energy: Energy::default(),
                     first_seen: now,
                     last_seen: now,
                     exited_at: None,

@@ -16,7 +16,9 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    accounting::DomainJoules,
     cgroup::Workload,
+    energy::Domain,
     snapshot::{ProcessView, SharedSnapshot, Snapshot, WorkloadView, seconds, total_seconds},
 };
 
@@ -187,6 +189,64 @@ fn cores(interval_ns: u64, snapshot: &Snapshot) -> f64 {
     }
 }
 
+/// Joules (or watts) keyed by the domains this node measures, plus `total`
+/// (package + dram + gpu: the domains that do not overlap).
+fn by_domain(snapshot: &Snapshot, values: &DomainJoules, divide_by: f64) -> Value {
+    let methods = &snapshot.energy.node.methods;
+    let mut map = serde_json::Map::new();
+    let mut total = 0.0;
+    for domain in Domain::ALL {
+        let d = domain as usize;
+        if methods[d].is_none() {
+            continue;
+        }
+        let value = if divide_by > 0.0 {
+            values[d] / divide_by
+        } else {
+            0.0
+        };
+        if domain.in_total() {
+            total += value;
+        }
+        map.insert(domain.as_str().to_owned(), json!(value));
+    }
+    map.insert("total".to_owned(), json!(total));
+    Value::Object(map)
+}
+
+/// The method behind each measured domain (`rapl`, `nvml`, `model`, ...).
+fn energy_methods(snapshot: &Snapshot) -> Value {
+    let mut map = serde_json::Map::new();
+    for domain in Domain::ALL {
+        if let Some(method) = snapshot.energy.node.methods[domain as usize] {
+            map.insert(domain.as_str().to_owned(), json!(method.as_str()));
+        }
+    }
+    Value::Object(map)
+}
+
+fn energy_fields(
+    snapshot: &Snapshot,
+    joules: &DomainJoules,
+    interval_joules: &DomainJoules,
+) -> Value {
+    json!({
+        "energy_joules": by_domain(snapshot, joules, 1.0),
+        "power_watts": by_domain(snapshot, interval_joules, snapshot.energy.node.interval_seconds),
+        "energy_method": energy_methods(snapshot),
+        "estimated": snapshot.energy.estimated,
+    })
+}
+
+/// Serializes `item` and adds the energy fields to it.
+fn with_energy(item: impl Serialize, energy: Value) -> Value {
+    let mut value = json!(item);
+    if let (Value::Object(map), Value::Object(extra)) = (&mut value, energy) {
+        map.extend(extra);
+    }
+    value
+}
+
 async fn healthz(State(shared): State<SharedSnapshot>) -> Json<Value> {
     let snapshot = shared.latest();
     let losses: serde_json::Map<String, Value> = snapshot
@@ -216,9 +276,13 @@ async fn list_containers(
     let snapshot = shared.latest();
     let mut views: Vec<&WorkloadView> = snapshot.containers().collect();
     views.sort_unstable_by(|a, b| a.key.cmp(&b.key));
-    let list: Vec<ContainerJson<'_>> = views
+    let list: Vec<Value> = views
         .into_iter()
-        .filter_map(|view| container_json(&snapshot, view))
+        .filter_map(|view| {
+            let energy =
+                energy_fields(&snapshot, &view.energy_joules, &view.interval_energy_joules);
+            container_json(&snapshot, view).map(|c| with_energy(c, energy))
+        })
         .take(limit)
         .collect();
     Ok(Json(json!(list)))
@@ -235,7 +299,8 @@ async fn get_container(
             "no container {id:?} seen on this node (exited ones are kept for the retention period)"
         ))
     })?;
-    Ok(Json(json!(container_json(&snapshot, view))))
+    let energy = energy_fields(&snapshot, &view.energy_joules, &view.interval_energy_joules);
+    Ok(Json(with_energy(container_json(&snapshot, view), energy)))
 }
 
 #[derive(Serialize)]
@@ -306,10 +371,13 @@ async fn list_processes(
         .filter(|p| workload_filter.is_none_or(|index| p.workload == index))
         .collect();
     selected.sort_unstable_by_key(|p| p.key);
-    let list: Vec<ProcessJson<'_>> = selected
+    let list: Vec<Value> = selected
         .into_iter()
         .take(limit)
-        .map(|p| process_json(&snapshot, p))
+        .map(|p| {
+            let energy = energy_fields(&snapshot, &p.energy_joules, &p.interval_energy_joules);
+            with_energy(process_json(&snapshot, p), energy)
+        })
         .collect();
     Ok(Json(json!(list)))
 }
@@ -339,22 +407,33 @@ async fn list_workloads(
     let snapshot = shared.latest();
     let mut views: Vec<&WorkloadView> = snapshot.workloads.iter().collect();
     views.sort_unstable_by(|a, b| a.key.cmp(&b.key));
-    let list: Vec<WorkloadJson<'_>> = views
+    let list: Vec<Value> = views
         .into_iter()
         .take(limit)
-        .map(|w| WorkloadJson {
-            workload: &w.key,
-            kind: w.workload.kind(),
-            name: w.workload.name(),
-            pod_uid: w.workload.pod().map(|p| p.uid.as_str()),
-            cgroup_path: w.cgroup_path.as_deref(),
-            cpu_seconds: total_seconds(&w.cpu_ns_by_socket),
-            cpu_cores: cores(w.interval_ns, &snapshot),
-            method: snapshot.method.as_str(),
-            first_seen: timestamp(w.first_seen),
-            last_seen: timestamp(w.last_seen),
-            exited: w.exited_at.is_some(),
-            live_processes: w.live_processes,
+        .map(|w| {
+            (
+                w,
+                WorkloadJson {
+                    workload: &w.key,
+                    kind: w.workload.kind(),
+                    name: w.workload.name(),
+                    pod_uid: w.workload.pod().map(|p| p.uid.as_str()),
+                    cgroup_path: w.cgroup_path.as_deref(),
+                    cpu_seconds: total_seconds(&w.cpu_ns_by_socket),
+                    cpu_cores: cores(w.interval_ns, &snapshot),
+                    method: snapshot.method.as_str(),
+                    first_seen: timestamp(w.first_seen),
+                    last_seen: timestamp(w.last_seen),
+                    exited: w.exited_at.is_some(),
+                    live_processes: w.live_processes,
+                },
+            )
+        })
+        .map(|(w, json)| {
+            with_energy(
+                json,
+                energy_fields(&snapshot, &w.energy_joules, &w.interval_energy_joules),
+            )
         })
         .collect();
     Ok(Json(json!(list)))
@@ -379,6 +458,13 @@ async fn node(State(shared): State<SharedSnapshot>) -> Json<Value> {
     } else {
         0.0
     };
+    let books = &snapshot.energy.node;
+    let residual: DomainJoules = std::array::from_fn(|d| {
+        books.measured[d] - books.attributed[d] - books.idle[d] - books.unattributed[d]
+    });
+    let seconds_of_interval = books.interval_seconds;
+    let mut sources: Vec<Value> = snapshot.sources.iter().map(|s| json!(s)).collect();
+    sources.extend(snapshot.energy.sources.iter().map(|s| json!(s)));
     Json(json!({
         "method": snapshot.method.as_str(),
         "cpu_busy_seconds": busy.iter().sum::<f64>(),
@@ -386,6 +472,31 @@ async fn node(State(shared): State<SharedSnapshot>) -> Json<Value> {
         "cpu_busy_seconds_by_cpu": busy,
         "cpu_idle_seconds_by_cpu": idle,
         "cpu_utilization": utilization,
-        "sources": snapshot.sources,
+        "energy_joules": {
+            "measured": by_domain(&snapshot, &books.measured, 1.0),
+            "attributed": by_domain(&snapshot, &books.attributed, 1.0),
+            "idle": by_domain(&snapshot, &books.idle, 1.0),
+            "unattributed": by_domain(&snapshot, &books.unattributed, 1.0),
+        },
+        "power_watts": {
+            "measured": by_domain(&snapshot, &books.interval_measured, seconds_of_interval),
+            "attributed": by_domain(&snapshot, &books.interval_attributed, seconds_of_interval),
+            "idle": by_domain(&snapshot, &books.interval_idle, seconds_of_interval),
+            "unattributed": by_domain(&snapshot, &books.interval_unattributed, seconds_of_interval),
+            "uncertainty": by_domain(&snapshot, &books.interval_uncertainty, seconds_of_interval),
+        },
+        "idle_baseline_watts": by_domain(&snapshot, &books.idle_watts, 1.0),
+        "residual_joules": by_domain(&snapshot, &residual, 1.0),
+        "energy_method": energy_methods(&snapshot),
+        "estimated": snapshot.energy.estimated,
+        "temperatures": snapshot.energy.temperatures,
+        "gpus": snapshot.energy.gpus,
+        "model": {
+            "idle_watts_per_socket": snapshot.energy.model.map(|m| m.idle_watts_per_socket),
+            "max_watts_per_socket": snapshot.energy.model.map(|m| m.max_watts_per_socket),
+            "relative_uncertainty": snapshot.energy.model.map(|m| m.relative_uncertainty),
+            "fits": snapshot.energy.model_fits,
+        },
+        "sources": sources,
     }))
 }

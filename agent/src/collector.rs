@@ -13,9 +13,35 @@ use crate::{
     config::{Config, MethodChoice},
     cpu::{CpuTimeSource, Method, procfs::ProcfsCpuSource},
     ebpf::{EbpfCpuSource, EbpfLoadError, EbpfOptions},
-    snapshot::{SharedSnapshot, Snapshot, SnapshotBase, SourceStatus},
+    energy::{
+        Domain,
+        attribution::{IdleBaseline, IdlePolicy},
+        collector::{EnergyCollector, EnergyInterval, EnergyOptions, SourceRoot},
+        model::ModelCoefficients,
+    },
+    snapshot::{EnergyView, SharedSnapshot, Snapshot, SnapshotBase, SourceStatus},
     topology::Topology,
 };
+
+/// The energy sources' options from the configuration.
+pub fn energy_options(config: &Config) -> EnergyOptions {
+    use crate::config::{DEFAULT_HWMON_ROOT, DEFAULT_POWERCAP_ROOT, DEFAULT_THERMAL_ROOT};
+    let root = |configured: &Option<PathBuf>, default: &str| SourceRoot {
+        path: configured.clone().unwrap_or_else(|| PathBuf::from(default)),
+        configured: configured.is_some(),
+    };
+    EnergyOptions {
+        powercap: root(&config.powercap_root, DEFAULT_POWERCAP_ROOT),
+        hwmon: root(&config.hwmon_root, DEFAULT_HWMON_ROOT),
+        thermal: root(&config.thermal_root, DEFAULT_THERMAL_ROOT),
+        gpu: config.gpu,
+        model: ModelCoefficients {
+            idle_watts_per_socket: config.model_idle_watts_per_socket,
+            max_watts_per_socket: config.model_max_watts_per_socket,
+            ..ModelCoefficients::default()
+        },
+    }
+}
 
 /// CPU time of the calling thread in microseconds (for the per-interval
 /// cost breakdown in debug logs: wall time would count waiting for a CPU).
@@ -120,6 +146,13 @@ pub struct Collector {
     consecutive_errors: u32,
     losses: Vec<(&'static str, u64)>,
     procfs_root: PathBuf,
+    energy: EnergyCollector,
+    idle_policy: IdlePolicy,
+    idle_watts: std::collections::BTreeMap<String, f64>,
+    idle_window_samples: usize,
+    idle_percentile: f64,
+    last_energy: EnergyInterval,
+    last_energy_read: Instant,
 }
 
 /// After this many failed reads in a row the eBPF source is replaced by
@@ -133,6 +166,7 @@ impl Collector {
         cgroup_root: PathBuf,
         topology: Topology,
         config: &Config,
+        energy: EnergyCollector,
         shared: SharedSnapshot,
     ) -> Self {
         Self {
@@ -152,7 +186,46 @@ impl Collector {
             consecutive_errors: 0,
             losses: Vec::new(),
             procfs_root: config.procfs_root.clone(),
+            energy,
+            idle_policy: config.idle_policy,
+            idle_watts: config.idle_watts.clone(),
+            idle_window_samples: (config.idle_window.as_secs_f64() / config.interval.as_secs_f64())
+                .ceil()
+                .max(1.0) as usize,
+            idle_percentile: config.idle_percentile,
+            last_energy: EnergyInterval::default(),
+            last_energy_read: Instant::now(),
         }
+    }
+
+    fn since_energy_read(&mut self) -> f64 {
+        let now = Instant::now();
+        let seconds = now.duration_since(self.last_energy_read).as_secs_f64();
+        self.last_energy_read = now;
+        seconds
+    }
+
+    /// Replaces the GPU source (tests drive a fake one).
+    pub fn energy_mut(&mut self) -> &mut EnergyCollector {
+        &mut self.energy
+    }
+
+    fn account_energy(
+        &mut self,
+        usage: &[crate::cpu::ProcessUsage],
+        busy_ns_by_cpu: &[u64],
+        seconds: f64,
+    ) {
+        let interval = self.energy.read(seconds, busy_ns_by_cpu, &self.topology);
+        let idle_watts = &self.idle_watts;
+        let (window, percentile) = (self.idle_window_samples, self.idle_percentile);
+        let baseline_for = |domain: Domain| match idle_watts.get(domain.as_str()) {
+            Some(watts) => IdleBaseline::configured(*watts),
+            None => IdleBaseline::learned(window, percentile),
+        };
+        self.accounting
+            .apply_energy(usage, &interval, seconds, self.idle_policy, &baseline_for);
+        self.last_energy = interval;
     }
 
     pub fn method(&self) -> Method {
@@ -194,8 +267,14 @@ impl Collector {
                         }
                     },
                 );
+                let energy_seconds = self.since_energy_read();
+                self.account_energy(&reading.usage, &reading.busy_ns_by_cpu, energy_seconds);
             }
             Err(error) => {
+                // The meters still count: their energy goes to the node's
+                // unattributed bucket rather than being lost.
+                let energy_seconds = self.since_energy_read();
+                self.account_energy(&[], &[], energy_seconds);
                 self.read_errors += 1;
                 self.consecutive_errors += 1;
                 let reason = error_chain(&error);
@@ -240,6 +319,15 @@ impl Collector {
                 losses: self.losses.clone(),
                 sources: self.sources.clone(),
                 read_errors: self.read_errors,
+                energy: EnergyView {
+                    temperatures: self.last_energy.temperatures.clone(),
+                    gpus: self.last_energy.gpus.clone(),
+                    sources: self.last_energy.health.clone(),
+                    model_fits: self.last_energy.model_fits.clone(),
+                    model: Some(self.energy.coefficients()),
+                    estimated: !self.energy.metered(),
+                    ..EnergyView::default()
+                },
             },
         ));
         let cpu_done = thread_cpu_us();

@@ -3,6 +3,7 @@
 //! the file, which beats the default). Errors name the field at fault.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
@@ -10,6 +11,8 @@ use std::{
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use thiserror::Error;
+
+use crate::energy::{Domain, attribution::IdlePolicy};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -62,6 +65,28 @@ pub struct Config {
     /// Print a table of the top workloads every interval.
     pub table: bool,
     pub table_rows: usize,
+    /// powercap (RAPL) root; default `/sys/class/powercap`. A configured
+    /// root that does not exist is an error; a missing default turns the
+    /// source off.
+    pub powercap_root: Option<PathBuf>,
+    /// hwmon root; default `/sys/class/hwmon`.
+    pub hwmon_root: Option<PathBuf>,
+    /// Thermal zones root; default `/sys/class/thermal`.
+    pub thermal_root: Option<PathBuf>,
+    /// Read NVIDIA GPUs through NVML when the library is there.
+    pub gpu: bool,
+    /// What happens to idle energy: unattributed, even or proportional.
+    pub idle_policy: IdlePolicy,
+    /// Idle power per domain instance (e.g. `{ package = 15.0, dram = 2.0 }`);
+    /// domains not listed learn it as a low percentile of observed power.
+    pub idle_watts: BTreeMap<String, f64>,
+    /// Window and percentile of the learned idle baseline.
+    #[serde(with = "duration_text")]
+    pub idle_window: Duration,
+    pub idle_percentile: f64,
+    /// The power model used where no meter exists, per socket.
+    pub model_idle_watts_per_socket: f64,
+    pub model_max_watts_per_socket: f64,
 }
 
 impl Default for Config {
@@ -77,9 +102,23 @@ impl Default for Config {
             cgroup_root: None,
             table: true,
             table_rows: 10,
+            powercap_root: None,
+            hwmon_root: None,
+            thermal_root: None,
+            gpu: true,
+            idle_policy: IdlePolicy::Unattributed,
+            idle_watts: BTreeMap::new(),
+            idle_window: Duration::from_secs(3600),
+            idle_percentile: 0.05,
+            model_idle_watts_per_socket: 20.0,
+            model_max_watts_per_socket: 100.0,
         }
     }
 }
+
+pub const DEFAULT_POWERCAP_ROOT: &str = "/sys/class/powercap";
+pub const DEFAULT_HWMON_ROOT: &str = "/sys/class/hwmon";
+pub const DEFAULT_THERMAL_ROOT: &str = "/sys/class/thermal";
 
 pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
 pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
@@ -120,6 +159,45 @@ pub struct Overrides {
     /// Rows of the table.
     #[arg(long, env = "POWERLENS_TABLE_ROWS")]
     pub table_rows: Option<usize>,
+    /// powercap root for RAPL (default /sys/class/powercap).
+    #[arg(long, env = "POWERLENS_POWERCAP_ROOT")]
+    pub powercap_root: Option<PathBuf>,
+    /// hwmon root (default /sys/class/hwmon).
+    #[arg(long, env = "POWERLENS_HWMON_ROOT")]
+    pub hwmon_root: Option<PathBuf>,
+    /// Thermal zone root (default /sys/class/thermal).
+    #[arg(long, env = "POWERLENS_THERMAL_ROOT")]
+    pub thermal_root: Option<PathBuf>,
+    /// Do not look for NVIDIA GPUs.
+    #[arg(long, env = "POWERLENS_NO_GPU")]
+    pub no_gpu: bool,
+    /// What happens to idle energy.
+    #[arg(long, env = "POWERLENS_IDLE_POLICY", value_enum)]
+    pub idle_policy: Option<IdlePolicy>,
+    /// Idle watts per domain, e.g. `package=15,dram=2`.
+    #[arg(long, env = "POWERLENS_IDLE_WATTS", value_parser = parse_idle_watts)]
+    pub idle_watts: Option<BTreeMap<String, f64>>,
+    /// Model: idle watts per socket (used where no meter exists).
+    #[arg(long, env = "POWERLENS_MODEL_IDLE_WATTS")]
+    pub model_idle_watts_per_socket: Option<f64>,
+    /// Model: watts per socket at full load.
+    #[arg(long, env = "POWERLENS_MODEL_MAX_WATTS")]
+    pub model_max_watts_per_socket: Option<f64>,
+}
+
+fn parse_idle_watts(text: &str) -> Result<BTreeMap<String, f64>, String> {
+    let mut map = BTreeMap::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (domain, watts) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?}: write DOMAIN=WATTS, e.g. package=15"))?;
+        let watts: f64 = watts
+            .trim()
+            .parse()
+            .map_err(|_| format!("{part:?}: {watts:?} is not a number of watts"))?;
+        map.insert(domain.trim().to_owned(), watts);
+    }
+    Ok(map)
 }
 
 fn parse_duration_arg(text: &str) -> Result<Duration, String> {
@@ -183,6 +261,30 @@ impl Config {
         if let Some(v) = o.table_rows {
             self.table_rows = v;
         }
+        if let Some(v) = &o.powercap_root {
+            self.powercap_root = Some(v.clone());
+        }
+        if let Some(v) = &o.hwmon_root {
+            self.hwmon_root = Some(v.clone());
+        }
+        if let Some(v) = &o.thermal_root {
+            self.thermal_root = Some(v.clone());
+        }
+        if o.no_gpu {
+            self.gpu = false;
+        }
+        if let Some(v) = o.idle_policy {
+            self.idle_policy = v;
+        }
+        if let Some(v) = &o.idle_watts {
+            self.idle_watts = v.clone();
+        }
+        if let Some(v) = o.model_idle_watts_per_socket {
+            self.model_idle_watts_per_socket = v;
+        }
+        if let Some(v) = o.model_max_watts_per_socket {
+            self.model_max_watts_per_socket = v;
+        }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -224,6 +326,55 @@ impl Config {
             return Err(ConfigError::Invalid {
                 field: "cgroup_root",
                 message: format!("{} is not a directory", root.display()),
+            });
+        }
+        for (field, root) in [
+            ("powercap_root", &self.powercap_root),
+            ("hwmon_root", &self.hwmon_root),
+            ("thermal_root", &self.thermal_root),
+        ] {
+            if let Some(root) = root
+                && !root.is_dir()
+            {
+                return Err(ConfigError::Invalid {
+                    field,
+                    message: format!("{} does not exist", root.display()),
+                });
+            }
+        }
+        for (domain, watts) in &self.idle_watts {
+            if !Domain::ALL.iter().any(|d| d.as_str() == domain) {
+                return Err(ConfigError::Invalid {
+                    field: "idle_watts",
+                    message: format!(
+                        "unknown domain {domain:?}; domains are {}",
+                        Domain::ALL.map(Domain::as_str).join(", ")
+                    ),
+                });
+            }
+            if !watts.is_finite() || *watts < 0.0 {
+                return Err(ConfigError::Invalid {
+                    field: "idle_watts",
+                    message: format!("{domain} = {watts} is not a non-negative number of watts"),
+                });
+            }
+        }
+        if !(0.0..=1.0).contains(&self.idle_percentile) {
+            return Err(ConfigError::Invalid {
+                field: "idle_percentile",
+                message: format!("{} is outside 0..=1", self.idle_percentile),
+            });
+        }
+        let (idle, max) = (
+            self.model_idle_watts_per_socket,
+            self.model_max_watts_per_socket,
+        );
+        if !(idle.is_finite() && max.is_finite() && 0.0 <= idle && idle <= max) {
+            return Err(ConfigError::Invalid {
+                field: "model_max_watts_per_socket",
+                message: format!(
+                    "need 0 <= model_idle_watts_per_socket ({idle}) <= model_max_watts_per_socket ({max})"
+                ),
             });
         }
         if self.table_rows == 0 || self.table_rows > 1000 {
@@ -309,6 +460,34 @@ mod tests {
             error.contains("procfs_root") && error.contains("/definitely/not/here"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn energy_settings_are_checked() {
+        let config = Config::from_toml(
+            "idle_watts = { package = 12.5, gpu = 60 }\nidle_policy = \"even\"\n",
+            Path::new("e.toml"),
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.idle_policy, IdlePolicy::Even);
+        let bad = Config::from_toml("idle_watts = { cpu = 1 }", Path::new("e.toml")).unwrap();
+        let error = bad.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("idle_watts") && error.contains("cpu"),
+            "{error}"
+        );
+        let missing = Config {
+            powercap_root: Some(PathBuf::from("/nonexistent/powercap")),
+            ..Default::default()
+        };
+        let error = missing.validate().unwrap_err().to_string();
+        assert!(
+            error.contains("powercap_root") && error.contains("/nonexistent/powercap"),
+            "{error}"
+        );
+        assert_eq!(parse_idle_watts("package=15, dram=2").unwrap().len(), 2);
+        assert!(parse_idle_watts("package").is_err());
     }
 
     #[test]

@@ -7,8 +7,9 @@ use clap::{Parser, Subcommand};
 use powerlens::{
     api,
     cgroup::detect_v2_root,
-    collector::{Collector, error_chain, select_source},
+    collector::{Collector, energy_options, error_chain, select_source},
     config::{Config, Overrides},
+    energy::collector::EnergyCollector,
     snapshot::{SharedSnapshot, Snapshot},
     table,
     topology::Topology,
@@ -74,6 +75,8 @@ fn run(overrides: &Overrides) -> anyhow::Result<()> {
 
     let (source, sources) = select_source(&config, &topology, &cgroup_root)
         .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+    let energy =
+        EnergyCollector::new(&energy_options(&config)).context("setting up the energy sources")?;
     let shared = SharedSnapshot::new(Snapshot::empty(source.method(), config.interval));
     let mut collector = Collector::new(
         source,
@@ -81,6 +84,7 @@ fn run(overrides: &Overrides) -> anyhow::Result<()> {
         cgroup_root,
         topology,
         &config,
+        energy,
         shared.clone(),
     );
     info!(method = %collector.method(), "measuring CPU time every {}", humantime::format_duration(config.interval));

@@ -10,9 +10,15 @@ use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use crate::{
-    accounting::Accounting,
+    accounting::{Accounting, DomainJoules, NodeEnergy},
     cgroup::Workload,
     cpu::{Comm, Method, ProcessKey, SocketNs, total_ns},
+    energy::{
+        SourceHealth,
+        gpu::GpuDevice,
+        model::{ModelCoefficients, ModelFit},
+        thermal::Temperature,
+    },
 };
 
 #[derive(Clone, Debug)]
@@ -25,6 +31,8 @@ pub struct ProcessView {
     pub cpu_ns_by_socket: SocketNs,
     /// CPU time in the last interval (0 if it did not run).
     pub interval_ns: u64,
+    pub energy_joules: DomainJoules,
+    pub interval_energy_joules: DomainJoules,
     pub first_seen: SystemTime,
     pub last_seen: SystemTime,
     pub exited: bool,
@@ -37,10 +45,25 @@ pub struct WorkloadView {
     pub cgroup_path: Option<Arc<str>>,
     pub cpu_ns_by_socket: SocketNs,
     pub interval_ns: u64,
+    pub energy_joules: DomainJoules,
+    pub interval_energy_joules: DomainJoules,
     pub first_seen: SystemTime,
     pub last_seen: SystemTime,
     pub exited_at: Option<SystemTime>,
     pub live_processes: u32,
+}
+
+/// The energy side of a snapshot.
+#[derive(Clone, Debug, Default)]
+pub struct EnergyView {
+    pub node: NodeEnergy,
+    pub temperatures: Vec<Temperature>,
+    pub gpus: Vec<GpuDevice>,
+    pub sources: Vec<SourceHealth>,
+    pub model_fits: Vec<ModelFit>,
+    pub model: Option<ModelCoefficients>,
+    /// True when no meter exists and figures come from the model.
+    pub estimated: bool,
 }
 
 /// State of an input, for `/healthz` and logs.
@@ -79,6 +102,7 @@ pub struct Snapshot {
     pub sources: Vec<SourceStatus>,
     /// Failed reads of the CPU source since start.
     pub read_errors: u64,
+    pub energy: EnergyView,
 }
 
 impl Snapshot {
@@ -98,6 +122,7 @@ impl Snapshot {
             losses: Vec::new(),
             sources: Vec::new(),
             read_errors: 0,
+            energy: EnergyView::default(),
         }
     }
 
@@ -122,6 +147,8 @@ impl Snapshot {
                 } else {
                     0
                 },
+                energy_joules: w.energy.joules,
+                interval_energy_joules: w.energy.interval(seq),
                 first_seen: w.first_seen,
                 last_seen: w.last_seen,
                 exited_at: w.exited_at,
@@ -142,6 +169,8 @@ impl Snapshot {
                 } else {
                     0
                 },
+                energy_joules: p.energy.joules,
+                interval_energy_joules: p.energy.interval(seq),
                 first_seen: p.first_seen,
                 last_seen: p.last_seen,
                 exited: p.exited_at.is_some(),
@@ -170,6 +199,10 @@ impl Snapshot {
             losses: base.losses,
             sources: base.sources,
             read_errors: base.read_errors,
+            energy: EnergyView {
+                node: accounting.node_energy().clone(),
+                ..base.energy
+            },
         }
     }
 
@@ -210,6 +243,9 @@ pub struct SnapshotBase {
     pub losses: Vec<(&'static str, u64)>,
     pub sources: Vec<SourceStatus>,
     pub read_errors: u64,
+    /// Temperatures, GPUs, source health and model state of the interval
+    /// (the node's books come from the accounting).
+    pub energy: EnergyView,
 }
 
 /// Seconds from nanoseconds.

@@ -3,7 +3,9 @@
 use std::fmt::Write as _;
 
 use crate::{
+    accounting::DomainJoules,
     cgroup::Workload,
+    energy::Domain,
     snapshot::{Snapshot, WorkloadView, seconds, total_seconds},
 };
 
@@ -23,6 +25,20 @@ fn short_name(view: &WorkloadView) -> String {
         Workload::SystemdUnit { name } => name.clone(),
         Workload::Host => "host (kernel, root cgroup, other)".to_owned(),
     }
+}
+
+/// Watts over the last interval, over the domains that do not overlap.
+fn watts(interval_joules: &DomainJoules, snapshot: &Snapshot) -> f64 {
+    let seconds = snapshot.energy.node.interval_seconds;
+    if seconds <= 0.0 {
+        return 0.0;
+    }
+    Domain::ALL
+        .iter()
+        .filter(|d| d.in_total())
+        .map(|d| interval_joules[*d as usize])
+        .sum::<f64>()
+        / seconds
 }
 
 fn percent(interval_ns: u64, snapshot: &Snapshot) -> f64 {
@@ -48,14 +64,24 @@ pub fn render(snapshot: &Snapshot, rows: usize) -> String {
         .containers()
         .filter(|c| c.exited_at.is_none())
         .count();
+    let books = &snapshot.energy.node;
+    let estimated = if snapshot.energy.estimated { "~" } else { "" };
     let _ = writeln!(
         out,
-        "powerlens {}  every {:.2}s  method {}  node CPU {:.1}% of {} CPUs  processes {}  containers {}{}",
+        "powerlens {}  every {:.2}s  method {}  node CPU {:.1}% of {} CPUs  power {estimated}{:.1} W (idle {:.1} W, unattributed {:.1} W){}  processes {}  containers {}{}",
         humantime::format_rfc3339_seconds(snapshot.generated_at),
         snapshot.interval.as_secs_f64(),
         snapshot.method,
         utilization,
         node.busy_ns_by_cpu.len(),
+        watts(&books.interval_measured, snapshot),
+        watts(&books.interval_idle, snapshot),
+        watts(&books.interval_unattributed, snapshot),
+        if snapshot.energy.estimated {
+            "  ~ = estimated by the model (no energy meter)"
+        } else {
+            ""
+        },
         live,
         containers,
         if snapshot.read_errors > 0 {

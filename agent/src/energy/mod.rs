@@ -4,6 +4,7 @@
 //! fails alone, and reports per-interval energy per domain.
 
 pub mod attribution;
+pub mod collector;
 pub mod counter;
 pub mod gpu;
 pub mod model;

@@ -1,0 +1,379 @@
+//! Reads every energy source once per interval: RAPL where the machine has
+//! it, else the model; GPUs; temperatures. Each source fails alone and its
+//! state is reported.
+
+use std::path::{Path, PathBuf};
+
+use tracing::{info, warn};
+
+use super::{
+    Domain, DomainEnergy, SourceHealth,
+    gpu::{GpuDevice, GpuSource, NvmlBackend},
+    model::{ModelCoefficients, ModelFit, PowerModel},
+    rapl::RaplSource,
+    thermal::{Temperature, read_hwmon, read_thermal_zones},
+};
+use crate::topology::Topology;
+
+/// Where each source reads, and whether it was configured explicitly (then
+/// a missing root is an error) or is a default (then it just turns off).
+#[derive(Clone, Debug)]
+pub struct SourceRoot {
+    pub path: PathBuf,
+    pub configured: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct EnergyOptions {
+    pub powercap: SourceRoot,
+    pub hwmon: SourceRoot,
+    pub thermal: SourceRoot,
+    pub gpu: bool,
+    pub model: ModelCoefficients,
+}
+
+/// Everything the energy sources said about one interval.
+#[derive(Clone, Debug, Default)]
+pub struct EnergyInterval {
+    pub energies: Vec<DomainEnergy>,
+    /// (GPU index, pid, weight).
+    pub gpu_activity: Vec<(u32, u32, f64)>,
+    pub gpus: Vec<GpuDevice>,
+    pub temperatures: Vec<Temperature>,
+    pub health: Vec<SourceHealth>,
+    pub model_fits: Vec<ModelFit>,
+}
+
+pub struct EnergyCollector {
+    rapl: Option<RaplSource>,
+    rapl_health: SourceHealth,
+    gpu: Option<GpuSource>,
+    gpu_health: SourceHealth,
+    hwmon_root: Option<PathBuf>,
+    thermal_root: Option<PathBuf>,
+    model: PowerModel,
+    model_coefficients: ModelCoefficients,
+}
+
+/// Checks a root: `Ok(Some)` usable, `Ok(None)` an absent default, `Err` an
+/// absent configured root (named in the error).
+pub fn check_root(
+    root: &SourceRoot,
+    setting: &'static str,
+) -> Result<Option<PathBuf>, super::EnergyError> {
+    if root.path.is_dir() {
+        Ok(Some(root.path.clone()))
+    } else if root.configured {
+        Err(super::EnergyError::MissingRoot {
+            path: root.path.clone(),
+            setting,
+        })
+    } else {
+        Ok(None)
+    }
+}
+
+impl EnergyCollector {
+    /// Sets the sources up. Fails only for a configured root that is missing.
+    pub fn new(options: &EnergyOptions) -> Result<Self, super::EnergyError> {
+        let powercap = check_root(&options.powercap, "powercap_root / POWERLENS_POWERCAP_ROOT")?;
+        let hwmon_root = check_root(&options.hwmon, "hwmon_root / POWERLENS_HWMON_ROOT")?;
+        let thermal_root = check_root(&options.thermal, "thermal_root / POWERLENS_THERMAL_ROOT")?;
+        let (rapl, rapl_health) = match powercap {
+            None => (
+                None,
+                SourceHealth::disabled(
+                    "rapl",
+                    format!(
+                        "{} does not exist (no RAPL here: a virtual machine?)",
+                        options.powercap.path.display()
+                    ),
+                ),
+            ),
+            Some(root) => match RaplSource::discover(&root) {
+                Ok(Some(rapl)) => {
+                    info!(root = %root.display(), zones = rapl.domains().len(), "RAPL energy counters found");
+                    (Some(rapl), SourceHealth::ok("rapl"))
+                }
+                Ok(None) => (
+                    None,
+                    SourceHealth::disabled(
+                        "rapl",
+                        format!("no intel-rapl zone under {}", root.display()),
+                    ),
+                ),
+                Err(error) => {
+                    warn!("RAPL: {error}");
+                    (None, SourceHealth::failing("rapl", error.to_string()))
+                }
+            },
+        };
+        let (gpu, gpu_health) = if !options.gpu {
+            (
+                None,
+                SourceHealth::disabled("nvml", "GPU source turned off in the configuration"),
+            )
+        } else {
+            match NvmlBackend::load() {
+                Ok(backend) => {
+                    info!("NVIDIA GPUs found through NVML");
+                    (
+                        Some(GpuSource::new(Box::new(backend))),
+                        SourceHealth::ok("nvml"),
+                    )
+                }
+                Err(error) => {
+                    info!("no NVIDIA GPU source: {error}");
+                    (None, SourceHealth::disabled("nvml", error.to_string()))
+                }
+            }
+        };
+        if rapl.is_none() {
+            info!(
+                idle_watts_per_socket = options.model.idle_watts_per_socket,
+                max_watts_per_socket = options.model.max_watts_per_socket,
+                "no energy meter: estimating package power from CPU utilization (figures are marked `model`)"
+            );
+        }
+        Ok(Self {
+            rapl,
+            rapl_health,
+            gpu,
+            gpu_health,
+            hwmon_root,
+            thermal_root,
+            model: PowerModel::new(options.model),
+            model_coefficients: options.model,
+        })
+    }
+
+    /// Replaces the GPU source (tests drive a fake one).
+    pub fn set_gpu(&mut self, gpu: GpuSource) {
+        self.gpu_health = SourceHealth::ok(gpu.name());
+        self.gpu = Some(gpu);
+    }
+
+    pub fn coefficients(&self) -> ModelCoefficients {
+        self.model_coefficients
+    }
+
+    pub fn metered(&self) -> bool {
+        self.rapl.is_some()
+    }
+
+    /// Reads every source for an interval of `seconds`, in which the CPUs
+    /// were busy `busy_ns_by_cpu`.
+    pub fn read(
+        &mut self,
+        seconds: f64,
+        busy_ns_by_cpu: &[u64],
+        topology: &Topology,
+    ) -> EnergyInterval {
+        let mut interval = EnergyInterval::default();
+        let utilization = utilization_by_socket(busy_ns_by_cpu, seconds, topology);
+
+        let mut metered = false;
+        if let Some(rapl) = &mut self.rapl {
+            let reading = rapl.read();
+            for (path, error) in &reading.errors {
+                warn!(file = %path.display(), "RAPL zone: {error}");
+            }
+            self.rapl_health = rapl.health();
+            metered = !reading.energies.is_empty();
+            for energy in &reading.energies {
+                if energy.id.domain == Domain::Package
+                    && seconds > 0.0
+                    && let Some(u) = utilization.get(energy.id.index as usize)
+                {
+                    self.model
+                        .calibrate(energy.id.index as usize, *u, energy.joules / seconds);
+                }
+            }
+            interval.energies.extend(reading.energies);
+        }
+        if !metered && self.rapl.is_none() {
+            interval
+                .energies
+                .extend(self.model.estimate(&utilization, seconds));
+        }
+        interval.health.push(self.rapl_health.clone());
+        interval
+            .health
+            .push(SourceHealth::ok("model").with_reason_if(
+                self.rapl.is_some(),
+                "calibrated against RAPL; RAPL figures are reported",
+            ));
+
+        if let Some(gpu) = &mut self.gpu {
+            match gpu.read(seconds) {
+                Ok(reading) => {
+                    self.gpu_health = SourceHealth::ok(gpu.name());
+                    interval.energies.extend(reading.energies);
+                    interval.gpu_activity = reading.activity;
+                    interval.gpus = reading.devices;
+                }
+                Err(error) => {
+                    warn!("GPU source: {error}");
+                    self.gpu_health = SourceHealth::failing(gpu.name(), error.to_string());
+                }
+            }
+        }
+        interval.health.push(self.gpu_health.clone());
+
+        interval.health.push(read_temperatures(
+            "hwmon",
+            self.hwmon_root.as_deref(),
+            read_hwmon,
+            &mut interval.temperatures,
+        ));
+        interval.health.push(read_temperatures(
+            "thermal",
+            self.thermal_root.as_deref(),
+            read_thermal_zones,
+            &mut interval.temperatures,
+        ));
+        interval.model_fits = self.model.fits();
+        interval
+    }
+}
+
+fn read_temperatures(
+    name: &str,
+    root: Option<&Path>,
+    read: fn(&Path) -> (Vec<Temperature>, Vec<super::EnergyError>),
+    out: &mut Vec<Temperature>,
+) -> SourceHealth {
+    let Some(root) = root else {
+        return SourceHealth::disabled(name, "root does not exist");
+    };
+    let (temperatures, errors) = read(root);
+    out.extend(temperatures);
+    if errors.is_empty() {
+        SourceHealth::ok(name)
+    } else {
+        SourceHealth::failing(
+            name,
+            errors
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    }
+}
+
+impl SourceHealth {
+    fn with_reason_if(mut self, condition: bool, reason: &str) -> Self {
+        if condition {
+            self.reason = Some(reason.to_owned());
+        }
+        self
+    }
+}
+
+/// Utilization (0..=1) of each socket's online CPUs over an interval.
+pub fn utilization_by_socket(
+    busy_ns_by_cpu: &[u64],
+    seconds: f64,
+    topology: &Topology,
+) -> Vec<f64> {
+    let sockets = topology.sockets();
+    let mut busy = vec![0.0; sockets];
+    let mut cpus = vec![0u32; sockets];
+    for &cpu in topology.online_cpus() {
+        let socket = topology.socket_of(cpu).min(sockets - 1);
+        cpus[socket] += 1;
+        busy[socket] += busy_ns_by_cpu.get(cpu as usize).copied().unwrap_or(0) as f64 / 1e9;
+    }
+    busy.iter()
+        .zip(&cpus)
+        .map(|(busy, cpus)| {
+            if *cpus == 0 || seconds <= 0.0 {
+                0.0
+            } else {
+                (busy / (seconds * f64::from(*cpus))).clamp(0.0, 1.0)
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::energy::rapl::tests::{set_energy, write_zone};
+
+    fn options(powercap: &Path, configured: bool) -> EnergyOptions {
+        EnergyOptions {
+            powercap: SourceRoot {
+                path: powercap.to_owned(),
+                configured,
+            },
+            hwmon: SourceRoot {
+                path: PathBuf::from("/nonexistent/hwmon"),
+                configured: false,
+            },
+            thermal: SourceRoot {
+                path: PathBuf::from("/nonexistent/thermal"),
+                configured: false,
+            },
+            gpu: false,
+            model: ModelCoefficients::default(),
+        }
+    }
+
+    #[test]
+    fn utilization_per_socket() {
+        let topology = Topology::from_sockets(vec![0, 0, 1, 1]);
+        let u = utilization_by_socket(
+            &[1_000_000_000, 0, 500_000_000, 500_000_000],
+            1.0,
+            &topology,
+        );
+        assert_eq!(u, vec![0.5, 0.5]);
+    }
+
+    #[test]
+    fn without_rapl_the_model_estimates_and_says_so() {
+        let mut collector =
+            EnergyCollector::new(&options(Path::new("/nonexistent/powercap"), false)).unwrap();
+        assert!(!collector.metered());
+        let interval = collector.read(1.0, &[500_000_000, 500_000_000], &Topology::uniform(2));
+        assert_eq!(interval.energies.len(), 1);
+        assert_eq!(
+            interval.energies[0].method,
+            super::super::EnergyMethod::Model
+        );
+        assert_eq!(interval.energies[0].joules, 60.0);
+        assert!(interval.energies[0].uncertainty_joules.is_some());
+        assert_eq!(interval.health[0].status, "disabled");
+    }
+
+    #[test]
+    fn a_configured_root_that_is_missing_is_an_error_naming_it() {
+        let error = EnergyCollector::new(&options(Path::new("/nonexistent/powercap"), true))
+            .err()
+            .expect("error")
+            .to_string();
+        assert!(
+            error.contains("/nonexistent/powercap") && error.contains("POWERLENS_POWERCAP_ROOT"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn with_rapl_the_meter_is_reported_and_the_model_calibrates() {
+        let dir = tempfile::tempdir().unwrap();
+        write_zone(dir.path(), "intel-rapl:0", "package-0", 0, 1 << 40);
+        let mut collector = EnergyCollector::new(&options(dir.path(), true)).unwrap();
+        let topology = Topology::uniform(2);
+        collector.read(1.0, &[0, 0], &topology);
+        set_energy(dir.path(), "intel-rapl:0", 42_000_000);
+        let interval = collector.read(1.0, &[1_000_000_000, 0], &topology);
+        assert_eq!(interval.energies.len(), 1);
+        assert_eq!(interval.energies[0].joules, 42.0);
+        assert_eq!(
+            interval.energies[0].method,
+            super::super::EnergyMethod::Rapl
+        );
+    }
+}
