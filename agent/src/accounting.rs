@@ -670,6 +670,115 @@ mod tests {
         assert_eq!(accounting.node().interval_capacity_ns, 2_000_000_000);
     }
 
+    fn energy(domain: Domain, index: u32, joules: f64) -> crate::energy::DomainEnergy {
+        crate::energy::DomainEnergy {
+            id: DomainId { domain, index },
+            joules,
+            method: EnergyMethod::Rapl,
+            uncertainty_joules: None,
+        }
+    }
+
+    fn on_socket(pid: u32, cgroup_id: u64, socket: usize, ns: u64) -> ProcessUsage {
+        let mut u = usage(pid, cgroup_id, 0);
+        u.runtime_ns_by_socket = [0; MAX_SOCKETS];
+        u.runtime_ns_by_socket[socket] = ns;
+        u
+    }
+
+    fn no_idle(_: Domain) -> IdleBaseline {
+        IdleBaseline::configured(0.0)
+    }
+
+    #[test]
+    fn a_process_on_socket_1_is_never_charged_socket_0() {
+        let mut accounting = Accounting::new(Duration::from_secs(60));
+        let usage = vec![on_socket(10, 1, 0, 300), on_socket(11, 2, 1, 100)];
+        let reading = CpuReading {
+            usage: usage.clone(),
+            ..Default::default()
+        };
+        accounting.apply(
+            &reading,
+            at(0),
+            Duration::from_secs(1),
+            &[0, 1],
+            &mut resolver,
+        );
+        let interval = EnergyInterval {
+            energies: vec![
+                energy(Domain::Package, 0, 50.0),
+                energy(Domain::Package, 1, 20.0),
+                energy(Domain::Psys, 0, 80.0),
+            ],
+            ..Default::default()
+        };
+        accounting.apply_energy(&usage, &interval, 1.0, IdlePolicy::Unattributed, &no_idle);
+        let p10 = &accounting.processes()[&ProcessKey {
+            pid: 10,
+            start_ns: 1,
+        }]
+            .energy;
+        let p11 = &accounting.processes()[&ProcessKey {
+            pid: 11,
+            start_ns: 1,
+        }]
+            .energy;
+        assert_eq!(p10.joules[Domain::Package as usize], 50.0);
+        assert_eq!(p11.joules[Domain::Package as usize], 20.0);
+        // psys follows CPU time anywhere: 300:100.
+        assert_eq!(p10.joules[Domain::Psys as usize], 60.0);
+        assert_eq!(p11.joules[Domain::Psys as usize], 20.0);
+        let node = accounting.node_energy();
+        assert_eq!(node.measured[Domain::Package as usize], 70.0);
+        assert_eq!(node.attributed[Domain::Package as usize], 70.0);
+    }
+
+    #[test]
+    fn gpu_energy_goes_to_the_processes_that_used_the_gpu() {
+        use crate::energy::gpu::{FakeGpuBackend, GpuSource, tests::gpu};
+        let mut accounting = Accounting::new(Duration::from_secs(60));
+        let usage = vec![usage(10, 1, 100), usage(11, 2, 100), usage(12, 2, 100)];
+        let reading = CpuReading {
+            usage: usage.clone(),
+            ..Default::default()
+        };
+        accounting.apply(&reading, at(0), Duration::from_secs(1), &[0], &mut resolver);
+        // Two GPUs, three processes: 10 and 11 share GPU 0 at 60%/20% SM,
+        // 12 alone on GPU 1, and pid 99 (not seen on CPU) on GPU 1 too.
+        let frames = vec![vec![
+            gpu(0, None, 400_000, &[(10, Some(60)), (11, Some(20))]),
+            gpu(1, None, 100_000, &[(12, Some(50)), (99, Some(50))]),
+        ]];
+        let mut source = GpuSource::new(Box::new(FakeGpuBackend::new(frames)));
+        let reading = source.read(1.0).unwrap();
+        let interval = EnergyInterval {
+            energies: reading.energies,
+            gpu_activity: reading.activity,
+            ..Default::default()
+        };
+        accounting.apply_energy(&usage, &interval, 1.0, IdlePolicy::Unattributed, &no_idle);
+        let gpu_joules = |pid| {
+            accounting.processes()[&ProcessKey { pid, start_ns: 1 }]
+                .energy
+                .joules[Domain::Gpu as usize]
+        };
+        assert_eq!(gpu_joules(10), 300.0);
+        assert_eq!(gpu_joules(11), 100.0);
+        assert_eq!(gpu_joules(12), 50.0);
+        let node = accounting.node_energy();
+        assert_eq!(node.measured[Domain::Gpu as usize], 500.0);
+        assert_eq!(
+            node.unattributed[Domain::Gpu as usize],
+            50.0,
+            "pid 99's share stays on the node"
+        );
+        let container = accounting
+            .workload(&format!("container:{CONTAINER}"))
+            .unwrap();
+        assert_eq!(container.energy.joules[Domain::Gpu as usize], 300.0);
+    }
+
     proptest! {
         /// Whatever the readings, the workloads' time adds up to the
         /// processes' time, and both to what the readings reported.
@@ -694,6 +803,36 @@ mod tests {
             let workloads: u64 = accounting.workloads().map(|w| total_ns(&w.cpu_ns_by_socket)).sum();
             prop_assert_eq!(processes, reported);
             prop_assert_eq!(workloads, reported);
+        }
+
+        /// Per domain, the processes' energy plus the node's idle and
+        /// unattributed buckets is what was measured; workloads sum to the
+        /// same as processes.
+        #[test]
+        fn energy_books_balance(
+            usage_spec in proptest::collection::vec((0u32..30, 0u64..4, 0usize..2, 0u64..1_000_000_000), 0..40),
+            joules in proptest::collection::vec(0.0f64..500.0, 2),
+            idle_watts in 0.0f64..300.0,
+            policy in prop_oneof![Just(IdlePolicy::Unattributed), Just(IdlePolicy::Even), Just(IdlePolicy::Proportional)],
+        ) {
+            let mut accounting = Accounting::new(Duration::from_secs(3600));
+            let usage: Vec<ProcessUsage> = usage_spec.iter().map(|(pid, cgroup, socket, ns)| on_socket(*pid, *cgroup, *socket, *ns)).collect();
+            let reading = CpuReading { usage: usage.clone(), ..Default::default() };
+            accounting.apply(&reading, at(0), Duration::from_secs(1), &[0, 1], &mut resolver);
+            let interval = EnergyInterval {
+                energies: vec![energy(Domain::Package, 0, joules[0]), energy(Domain::Package, 1, joules[1])],
+                ..Default::default()
+            };
+            accounting.apply_energy(&usage, &interval, 1.0, policy, &|_| IdleBaseline::configured(idle_watts));
+            let d = Domain::Package as usize;
+            let processes: f64 = accounting.processes().values().map(|p| p.energy.joules[d]).sum();
+            let workloads: f64 = accounting.workloads().map(|w| w.energy.joules[d]).sum();
+            let node = accounting.node_energy();
+            let measured = joules[0] + joules[1];
+            prop_assert!((node.measured[d] - measured).abs() < 1e-9);
+            prop_assert!((processes + node.idle[d] + node.unattributed[d] - measured).abs() < 1e-6);
+            prop_assert!((workloads - processes).abs() < 1e-6);
+            prop_assert!((node.attributed[d] - processes).abs() < 1e-6);
         }
     }
 }
