@@ -8,7 +8,7 @@ use tracing::{info, warn};
 
 use super::{
     Domain, DomainEnergy, SourceHealth,
-    gpu::{GpuDevice, GpuSource, NvmlBackend},
+    gpu::{AmdGpuBackend, GpuDevice, GpuSource, NvmlBackend},
     model::{ModelCoefficients, ModelFit, PowerModel},
     rapl::RaplSource,
     thermal::{Temperature, read_hwmon, read_thermal_zones},
@@ -122,10 +122,22 @@ impl EnergyCollector {
                         SourceHealth::ok("nvml"),
                     )
                 }
-                Err(error) => {
-                    info!("no NVIDIA GPU source: {error}");
-                    (None, SourceHealth::disabled("nvml", error.to_string()))
-                }
+                Err(error) => match hwmon_root.as_deref().and_then(AmdGpuBackend::discover) {
+                    Some(backend) => {
+                        info!("AMD GPUs found through amdgpu hwmon (no per-process split)");
+                        (
+                            Some(GpuSource::new(Box::new(backend))),
+                            SourceHealth::ok("amdgpu"),
+                        )
+                    }
+                    None => {
+                        info!("no GPU source: {error}; no amdgpu hwmon either");
+                        (
+                            None,
+                            SourceHealth::disabled("gpu", format!("{error}; no amdgpu hwmon")),
+                        )
+                    }
+                },
             }
         };
         if rapl.is_none() {

@@ -242,6 +242,67 @@ impl GpuBackend for NvmlBackend {
     }
 }
 
+/// AMD GPUs through amdgpu's hwmon: `energy1_input` (µJ) where the part has
+/// it, else `power1_average` (µW). hwmon says nothing of processes, so an
+/// AMD GPU's energy stays in the node's unattributed bucket.
+pub struct AmdGpuBackend {
+    chips: Vec<std::path::PathBuf>,
+}
+
+impl AmdGpuBackend {
+    /// The amdgpu chips under a hwmon root; `None` when there are none.
+    pub fn discover(hwmon_root: &std::path::Path) -> Option<Self> {
+        let mut chips: Vec<std::path::PathBuf> = std::fs::read_dir(hwmon_root)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|chip| {
+                std::fs::read_to_string(chip.join("name")).is_ok_and(|name| name.trim() == "amdgpu")
+            })
+            .collect();
+        chips.sort();
+        (!chips.is_empty()).then_some(Self { chips })
+    }
+}
+
+impl GpuBackend for AmdGpuBackend {
+    fn name(&self) -> &'static str {
+        "amdgpu"
+    }
+
+    fn method(&self) -> EnergyMethod {
+        EnergyMethod::Hwmon
+    }
+
+    fn sample(&mut self) -> Result<Vec<GpuSample>, EnergyError> {
+        Ok(self
+            .chips
+            .iter()
+            .enumerate()
+            .map(|(index, chip)| {
+                let (energy_uj, power_uw) = super::thermal::read_amdgpu_counters(chip);
+                GpuSample {
+                    index: index as u32,
+                    name: "amdgpu".to_owned(),
+                    uuid: chip.display().to_string(),
+                    total_energy_mj: energy_uj.map(|uj| uj / 1_000),
+                    power_mw: power_uw.map(|uw| (uw / 1_000) as u32),
+                    temperature_celsius: std::fs::read_to_string(chip.join("temp1_input"))
+                        .ok()
+                        .and_then(|t| t.trim().parse::<u32>().ok())
+                        .map(|m| m / 1_000),
+                    power_limit_mw: std::fs::read_to_string(chip.join("power1_cap"))
+                        .ok()
+                        .and_then(|t| t.trim().parse::<u64>().ok())
+                        .map(|uw| (uw / 1_000) as u32),
+                    power_limit_range_mw: None,
+                    processes: Vec::new(),
+                }
+            })
+            .collect())
+    }
+}
+
 /// A scripted backend for tests: each call to `sample` returns the next
 /// frame (the last one repeats).
 pub struct FakeGpuBackend {
@@ -342,6 +403,31 @@ pub(crate) mod tests {
         assert_eq!(second.devices[0].energy_from, "counter");
         assert_eq!(second.devices[1].energy_from, "power");
         assert_eq!(second.devices[0].power_limit_max_watts, Some(700.0));
+    }
+
+    #[test]
+    fn amdgpu_hwmon_energy_and_power() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |relative: &str, content: &str| {
+            let path = dir.path().join(relative);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, content).unwrap();
+        };
+        write("hwmon0/name", "coretemp\n");
+        write("hwmon1/name", "amdgpu\n");
+        write("hwmon1/energy1_input", "5000000\n");
+        write("hwmon2/name", "amdgpu\n");
+        write("hwmon2/power1_average", "120000000\n");
+        let backend = AmdGpuBackend::discover(dir.path()).expect("two amdgpu chips");
+        let mut source = GpuSource::new(Box::new(backend));
+        let first = source.read(0.5).unwrap();
+        assert_eq!(first.energies.len(), 1, "the counter GPU needs a baseline");
+        assert_eq!(first.energies[0].joules, 60.0);
+        assert_eq!(first.energies[0].method, EnergyMethod::Hwmon);
+        write("hwmon1/energy1_input", "9000000\n");
+        let second = source.read(0.5).unwrap();
+        assert_eq!(second.energies[0].joules, 4.0);
+        assert!(second.activity.is_empty());
     }
 
     #[test]
