@@ -284,7 +284,17 @@ impl Accounting {
             if seconds > 0.0 {
                 baseline.observe(energy.joules / seconds);
             }
-            let idle_watts = baseline.watts();
+            // A configured figure wins; then what the sources know; then
+            // the learned percentile.
+            let hint = interval
+                .idle_watts_hints
+                .iter()
+                .find(|(id, _)| *id == energy.id)
+                .map(|(_, watts)| *watts);
+            let idle_watts = match hint {
+                Some(watts) if !baseline.is_configured() => watts,
+                _ => baseline.watts(),
+            };
             let activity: Vec<(Option<ProcessKey>, f64)> = match domain {
                 Domain::Gpu => interval
                     .gpu_activity

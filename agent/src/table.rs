@@ -98,17 +98,21 @@ pub fn render(snapshot: &Snapshot, rows: usize) -> String {
     });
     let _ = writeln!(
         out,
-        "  {:<10} {:<48} {:>7} {:>10} {:>6}",
-        "KIND", "WORKLOAD", "CPU%", "CPU-SEC", "PROCS"
+        "  {:<10} {:<48} {:>7} {:>10} {:>9} {:>6}",
+        "KIND", "WORKLOAD", "CPU%", "CPU-SEC", "WATTS", "PROCS"
     );
     for view in workloads.iter().take(rows) {
         let _ = writeln!(
             out,
-            "  {:<10} {:<48} {:>7.1} {:>10.2} {:>6}{}",
+            "  {:<10} {:<48} {:>7.1} {:>10.2} {:>9} {:>6}{}",
             view.workload.kind(),
             truncate(&short_name(view), 48),
             percent(view.interval_ns, snapshot),
             total_seconds(&view.cpu_ns_by_socket),
+            format!(
+                "{estimated}{:.2}",
+                watts(&view.interval_energy_joules, snapshot)
+            ),
             view.live_processes,
             if view.exited_at.is_some() {
                 "  exited"
@@ -129,8 +133,8 @@ pub fn render(snapshot: &Snapshot, rows: usize) -> String {
     });
     let _ = writeln!(
         out,
-        "  {:<8} {:<16} {:<36} {:>7} {:>10}",
-        "PID", "COMM", "WORKLOAD", "CPU%", "CPU-SEC"
+        "  {:<8} {:<16} {:<36} {:>7} {:>10} {:>9}",
+        "PID", "COMM", "WORKLOAD", "CPU%", "CPU-SEC", "WATTS"
     );
     for process in processes.iter().take(rows) {
         let workload = snapshot
@@ -139,12 +143,16 @@ pub fn render(snapshot: &Snapshot, rows: usize) -> String {
             .map_or_else(|| "host".to_owned(), short_name);
         let _ = writeln!(
             out,
-            "  {:<8} {:<16} {:<36} {:>7.1} {:>10.2}",
+            "  {:<8} {:<16} {:<36} {:>7.1} {:>10.2} {:>9}",
             process.key.pid,
             process.comm.as_str(),
             truncate(&workload, 36),
             percent(process.interval_ns, snapshot),
             seconds(process.cpu_ns_by_socket.iter().sum()),
+            format!(
+                "{estimated}{:.2}",
+                watts(&process.interval_energy_joules, snapshot)
+            ),
         );
     }
     out

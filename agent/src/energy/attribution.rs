@@ -101,6 +101,11 @@ pub struct IdleBaseline {
     percentile: f64,
 }
 
+/// Samples a learned baseline needs before it is used: until then a busy
+/// start would pass for idle. Before, the idle part is zero (all energy is
+/// dynamic and goes to whoever ran).
+pub const LEARNED_BASELINE_MIN_SAMPLES: usize = 60;
+
 impl IdleBaseline {
     /// Learned: the `percentile` (0..1) of the last `capacity` samples.
     pub fn learned(capacity: usize, percentile: f64) -> Self {
@@ -131,12 +136,16 @@ impl IdleBaseline {
         self.window.push_back(watts);
     }
 
-    /// The idle power in watts (0 before any sample).
+    pub fn is_configured(&self) -> bool {
+        self.configured_watts.is_some()
+    }
+
+    /// The idle power in watts (0 until enough samples were seen).
     pub fn watts(&self) -> f64 {
         if let Some(watts) = self.configured_watts {
             return watts;
         }
-        if self.window.is_empty() {
+        if self.window.len() < LEARNED_BASELINE_MIN_SAMPLES.min(self.capacity) {
             return 0.0;
         }
         let mut sorted: Vec<f64> = self.window.iter().copied().collect();
@@ -205,7 +214,11 @@ mod tests {
     #[test]
     fn learned_baseline_is_a_low_percentile() {
         let mut baseline = IdleBaseline::learned(100, 0.05);
-        for watts in (0..100).map(f64::from) {
+        for watts in (0..59).map(f64::from) {
+            baseline.observe(watts + 10.0);
+        }
+        assert_eq!(baseline.watts(), 0.0, "not enough samples yet");
+        for watts in (59..100).map(f64::from) {
             baseline.observe(watts + 10.0);
         }
         assert_eq!(baseline.watts(), 15.0);

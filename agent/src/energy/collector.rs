@@ -42,6 +42,10 @@ pub struct EnergyInterval {
     pub temperatures: Vec<Temperature>,
     pub health: Vec<SourceHealth>,
     pub model_fits: Vec<ModelFit>,
+    /// Idle power known for a domain instance better than a percentile of
+    /// what it drew: the model's idle coefficient for its own estimates, the
+    /// fitted intercept (power at zero utilization) for a metered package.
+    pub idle_watts_hints: Vec<(super::DomainId, f64)>,
 }
 
 pub struct EnergyCollector {
@@ -204,9 +208,12 @@ impl EnergyCollector {
             interval.energies.extend(reading.energies);
         }
         if !metered && self.rapl.is_none() {
+            let estimates = self.model.estimate(&utilization, seconds);
+            let idle = self.model_coefficients.idle_watts_per_socket;
             interval
-                .energies
-                .extend(self.model.estimate(&utilization, seconds));
+                .idle_watts_hints
+                .extend(estimates.iter().map(|e| (e.id, idle)));
+            interval.energies.extend(estimates);
         }
         interval.health.push(self.rapl_health.clone());
         interval
@@ -245,6 +252,19 @@ impl EnergyCollector {
             &mut interval.temperatures,
         ));
         interval.model_fits = self.model.fits();
+        if metered {
+            interval
+                .idle_watts_hints
+                .extend(interval.model_fits.iter().map(|fit| {
+                    (
+                        super::DomainId {
+                            domain: Domain::Package,
+                            index: fit.socket,
+                        },
+                        fit.idle_watts.max(0.0),
+                    )
+                }));
+        }
         interval
     }
 }
@@ -342,6 +362,15 @@ mod tests {
             &topology,
         );
         assert_eq!(u, vec![0.5, 0.5]);
+    }
+
+    #[test]
+    fn the_model_tells_its_idle_power() {
+        let mut collector =
+            EnergyCollector::new(&options(Path::new("/nonexistent/powercap"), false)).unwrap();
+        let interval = collector.read(1.0, &[0, 0], &Topology::uniform(2));
+        assert_eq!(interval.idle_watts_hints.len(), 1);
+        assert_eq!(interval.idle_watts_hints[0].1, 20.0);
     }
 
     #[test]
