@@ -29,6 +29,7 @@ pub fn router(snapshot: SharedSnapshot) -> Router {
         .route("/api/v1/containers/{id}", get(get_container))
         .route("/api/v1/processes", get(list_processes))
         .route("/api/v1/workloads", get(list_workloads))
+        .route("/api/v1/pods", get(list_pods))
         .route("/api/v1/node", get(node))
         .fallback(not_found)
         .with_state(snapshot)
@@ -433,6 +434,69 @@ async fn list_workloads(
             with_energy(
                 json,
                 energy_fields(&snapshot, &w.energy_joules, &w.interval_energy_joules),
+            )
+        })
+        .collect();
+    Ok(Json(json!(list)))
+}
+
+/// Pods: the sums of their containers and pod-level cgroups.
+async fn list_pods(
+    State(shared): State<SharedSnapshot>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    check_params(&params, &["limit"])?;
+    let limit = parse_limit(&params)?.unwrap_or(usize::MAX);
+    let snapshot = shared.latest();
+    struct PodSum<'a> {
+        qos: &'static str,
+        cpu_ns: u64,
+        interval_ns: u64,
+        joules: DomainJoules,
+        interval_joules: DomainJoules,
+        containers: Vec<&'a str>,
+        live: bool,
+    }
+    let mut pods: std::collections::BTreeMap<&str, PodSum<'_>> = std::collections::BTreeMap::new();
+    for view in &snapshot.workloads {
+        let Some(pod) = view.workload.pod() else {
+            continue;
+        };
+        let sum = pods.entry(pod.uid.as_str()).or_insert_with(|| PodSum {
+            qos: pod.qos.as_str(),
+            cpu_ns: 0,
+            interval_ns: 0,
+            joules: [0.0; Domain::ALL.len()],
+            interval_joules: [0.0; Domain::ALL.len()],
+            containers: Vec::new(),
+            live: false,
+        });
+        sum.cpu_ns += view.cpu_ns_by_socket.iter().sum::<u64>();
+        sum.interval_ns += view.interval_ns;
+        for d in 0..Domain::ALL.len() {
+            sum.joules[d] += view.energy_joules[d];
+            sum.interval_joules[d] += view.interval_energy_joules[d];
+        }
+        if let Workload::Container { id, .. } = &*view.workload {
+            sum.containers.push(id);
+        }
+        sum.live |= view.exited_at.is_none();
+    }
+    let list: Vec<Value> = pods
+        .into_iter()
+        .take(limit)
+        .map(|(uid, sum)| {
+            with_energy(
+                json!({
+                    "pod_uid": uid,
+                    "pod_qos": sum.qos,
+                    "containers": sum.containers,
+                    "cpu_seconds": seconds(sum.cpu_ns),
+                    "cpu_cores": cores(sum.interval_ns, &snapshot),
+                    "method": snapshot.method.as_str(),
+                    "exited": !sum.live,
+                }),
+                energy_fields(&snapshot, &sum.joules, &sum.interval_joules),
             )
         })
         .collect();

@@ -491,6 +491,13 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_config_is_valid() {
+        let text = include_str!("../../deploy/powerlens.toml");
+        let config = Config::from_toml(text, Path::new("deploy/powerlens.toml")).unwrap();
+        config.validate().unwrap();
+    }
+
+    #[test]
     fn defaults_round_trip_through_toml() {
         let text = toml::to_string(&Config::default()).unwrap();
         assert_eq!(

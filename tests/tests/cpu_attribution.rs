@@ -99,7 +99,20 @@ fn processes_and_containers_match_the_kernels_own_run_time() {
     assert_eq!(container["method"], "ebpf");
     assert_eq!(container["exited"], false);
     assert_eq!(container["cgroup_path"], cgroup.relative.as_str());
+    let (status, pods) = agent.get("/api/v1/pods");
+    assert_eq!(status, 200);
+    let pod = pods
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["pod_uid"] == pod_uid.as_str()))
+        .unwrap_or_else(|| panic!("pod {pod_uid} not in {pods}"));
+    assert_eq!(pod["containers"][0], container_id.as_str());
     let container_seconds = container["cpu_seconds"].as_f64().expect("cpu_seconds");
+    assert!(
+        relative_error(
+            pod["cpu_seconds"].as_f64().expect("pod cpu"),
+            container_seconds
+        ) < 1e-9
+    );
     assert!(
         relative_error(container_seconds, kernel_sum) < 0.02,
         "container {container_seconds:.4}s vs sum of schedstat {kernel_sum:.4}s; workloads: {}",
