@@ -7,7 +7,6 @@ use std::{
 };
 
 use rustc_hash::FxHashMap;
-use serde::Serialize;
 
 use crate::{
     accounting::{Accounting, DomainJoules, NodeEnergy},
@@ -66,15 +65,8 @@ pub struct EnergyView {
     pub estimated: bool,
 }
 
-/// State of an input, for `/healthz` and logs.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
-pub struct SourceStatus {
-    pub name: String,
-    /// `ok`, `disabled` or `failing`.
-    pub status: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-}
+/// State of an input (the CPU source's; energy sources report the same).
+pub use crate::energy::SourceHealth as SourceStatus;
 
 #[derive(Clone, Debug, Default)]
 pub struct NodeView {

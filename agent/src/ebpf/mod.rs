@@ -253,16 +253,20 @@ impl EbpfCpuSource {
         &mut self.ebpf
     }
 
+    /// A per-CPU array of u64 counters of the object, by name.
+    fn per_cpu_counters(
+        &self,
+        name: &'static str,
+    ) -> Result<PerCpuArray<&MapData, u64>, CpuSourceError> {
+        let map = self.ebpf.map(name).ok_or(CpuSourceError::Map {
+            map: name,
+            message: "missing from the object".into(),
+        })?;
+        PerCpuArray::try_from(map).map_err(|e| map_error(name, e))
+    }
+
     fn read_busy_ns(&self) -> Result<Vec<u64>, CpuSourceError> {
-        let map = self
-            .ebpf
-            .map(names::CPU_BUSY_NS)
-            .ok_or(CpuSourceError::Map {
-                map: names::CPU_BUSY_NS,
-                message: "missing".into(),
-            })?;
-        let busy: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|e| map_error(names::CPU_BUSY_NS, e))?;
+        let busy = self.per_cpu_counters(names::CPU_BUSY_NS)?;
         let values = busy
             .get(&0, 0)
             .map_err(|e| map_error(names::CPU_BUSY_NS, e))?;
@@ -270,15 +274,7 @@ impl EbpfCpuSource {
     }
 
     fn read_losses(&self) -> Result<Vec<(&'static str, u64)>, CpuSourceError> {
-        let map = self
-            .ebpf
-            .map(names::LOSS_COUNTERS)
-            .ok_or(CpuSourceError::Map {
-                map: names::LOSS_COUNTERS,
-                message: "missing".into(),
-            })?;
-        let counters: PerCpuArray<&MapData, u64> =
-            PerCpuArray::try_from(map).map_err(|e| map_error(names::LOSS_COUNTERS, e))?;
+        let counters = self.per_cpu_counters(names::LOSS_COUNTERS)?;
         let mut losses = Vec::with_capacity(LossCounter::ALL.len());
         for counter in LossCounter::ALL {
             let values = counters
