@@ -1,6 +1,8 @@
 //! CPU workloads for the integration tests and benchmarks.
 //!
 //! - `burn SECONDS`: one thread busy for SECONDS of wall time.
+//! - `pinned CPU SECONDS`: like `burn`, on one CPU only (so several of them
+//!   share it in a known ratio).
 //! - `half SECONDS`: busy about half the time (5 ms on, 5 ms off).
 //! - `threads N SECONDS`: N busy threads.
 //! - `short COUNT MILLIS`: forks COUNT children one after another, each
@@ -72,6 +74,21 @@ fn main() {
     let mode = args.get(1).map(String::as_str).unwrap_or("");
     match mode {
         "burn" => burn_for(Duration::from_secs_f64(arg(&args, 2, "seconds"))),
+        "pinned" => {
+            let cpu: usize = arg(&args, 2, "cpu");
+            // SAFETY: a zeroed cpu_set_t is empty; CPU_SET and the syscall
+            // only touch it.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(cpu, &mut set);
+                assert_eq!(
+                    libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+                    0,
+                    "sched_setaffinity to CPU {cpu}"
+                );
+            }
+            burn_for(Duration::from_secs_f64(arg(&args, 3, "seconds")));
+        }
         "half" => {
             let end = Instant::now() + Duration::from_secs_f64(arg(&args, 2, "seconds"));
             while Instant::now() < end {
