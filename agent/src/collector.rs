@@ -31,6 +31,7 @@ pub fn energy_options(config: &Config) -> EnergyOptions {
         configured: configured.is_some(),
     };
     EnergyOptions {
+        sysfs_root: config.sysfs_root.clone(),
         powercap: root(&config.powercap_root, DEFAULT_POWERCAP_ROOT),
         hwmon: root(&config.hwmon_root, DEFAULT_HWMON_ROOT),
         thermal: root(&config.thermal_root, DEFAULT_THERMAL_ROOT),

@@ -25,6 +25,8 @@ pub struct SourceRoot {
 
 #[derive(Clone, Debug)]
 pub struct EnergyOptions {
+    /// For CPU frequencies (`devices/system/cpu/cpuN/cpufreq`).
+    pub sysfs_root: PathBuf,
     pub powercap: SourceRoot,
     pub hwmon: SourceRoot,
     pub thermal: SourceRoot,
@@ -57,6 +59,7 @@ pub struct EnergyCollector {
     thermal_root: Option<PathBuf>,
     model: PowerModel,
     model_coefficients: ModelCoefficients,
+    sysfs_root: PathBuf,
 }
 
 /// Checks a root: `Ok(Some)` usable, `Ok(None)` an absent default, `Err` an
@@ -160,6 +163,7 @@ impl EnergyCollector {
             thermal_root,
             model: PowerModel::new(options.model),
             model_coefficients: options.model,
+            sysfs_root: options.sysfs_root.clone(),
         })
     }
 
@@ -186,7 +190,14 @@ impl EnergyCollector {
         topology: &Topology,
     ) -> EnergyInterval {
         let mut interval = EnergyInterval::default();
-        let utilization = utilization_by_socket(busy_ns_by_cpu, seconds, topology);
+        // Frequencies matter to the estimate only; a metered machine (where
+        // hundreds of CPUs would mean hundreds of file reads) skips them.
+        let frequency = if self.rapl.is_none() {
+            frequency_factors(&self.sysfs_root, topology)
+        } else {
+            vec![1.0; topology.possible_cpus()]
+        };
+        let utilization = utilization_by_socket(busy_ns_by_cpu, &frequency, seconds, topology);
 
         let mut metered = false;
         if let Some(rapl) = &mut self.rapl {
@@ -303,9 +314,35 @@ impl SourceHealth {
     }
 }
 
-/// Utilization (0..=1) of each socket's online CPUs over an interval.
+/// Each CPU's current frequency as a fraction of its maximum, where cpufreq
+/// says (`scaling_cur_freq` / `cpuinfo_max_freq`); 1.0 where it does not
+/// (virtual machines). Indexed by CPU number.
+pub fn frequency_factors(sysfs_root: &Path, topology: &Topology) -> Vec<f64> {
+    let mut factors = vec![1.0; topology.possible_cpus()];
+    for &cpu in topology.online_cpus() {
+        let dir = sysfs_root.join(format!("devices/system/cpu/cpu{cpu}/cpufreq"));
+        let (Ok(current), Ok(max)) = (
+            super::read_u64(&dir.join("scaling_cur_freq")),
+            super::read_u64(&dir.join("cpuinfo_max_freq")),
+        ) else {
+            continue;
+        };
+        if max > 0
+            && let Some(slot) = factors.get_mut(cpu as usize)
+        {
+            *slot = (current as f64 / max as f64).clamp(0.0, 1.0);
+        }
+    }
+    factors
+}
+
+/// Utilization (0..=1) of each socket's online CPUs over an interval, each
+/// CPU's busy time weighted by its frequency factor: at half the clock, a
+/// busy CPU does (to first order) half the switching, so draws about half
+/// the dynamic power.
 pub fn utilization_by_socket(
     busy_ns_by_cpu: &[u64],
+    frequency_by_cpu: &[f64],
     seconds: f64,
     topology: &Topology,
 ) -> Vec<f64> {
@@ -315,7 +352,9 @@ pub fn utilization_by_socket(
     for &cpu in topology.online_cpus() {
         let socket = topology.socket_of(cpu).min(sockets - 1);
         cpus[socket] += 1;
-        busy[socket] += busy_ns_by_cpu.get(cpu as usize).copied().unwrap_or(0) as f64 / 1e9;
+        let factor = frequency_by_cpu.get(cpu as usize).copied().unwrap_or(1.0);
+        busy[socket] +=
+            busy_ns_by_cpu.get(cpu as usize).copied().unwrap_or(0) as f64 / 1e9 * factor;
     }
     busy.iter()
         .zip(&cpus)
@@ -336,6 +375,7 @@ mod tests {
 
     fn options(powercap: &Path, configured: bool) -> EnergyOptions {
         EnergyOptions {
+            sysfs_root: PathBuf::from("/nonexistent/sys"),
             powercap: SourceRoot {
                 path: powercap.to_owned(),
                 configured,
@@ -356,12 +396,22 @@ mod tests {
     #[test]
     fn utilization_per_socket() {
         let topology = Topology::from_sockets(vec![0, 0, 1, 1]);
-        let u = utilization_by_socket(
-            &[1_000_000_000, 0, 500_000_000, 500_000_000],
-            1.0,
-            &topology,
-        );
+        let busy = [1_000_000_000, 0, 500_000_000, 500_000_000];
+        let u = utilization_by_socket(&busy, &[1.0; 4], 1.0, &topology);
         assert_eq!(u, vec![0.5, 0.5]);
+        let slowed = utilization_by_socket(&busy, &[0.5, 1.0, 1.0, 1.0], 1.0, &topology);
+        assert_eq!(slowed, vec![0.25, 0.5]);
+    }
+
+    #[test]
+    fn frequency_factors_from_cpufreq() {
+        let dir = tempfile::tempdir().unwrap();
+        let cpufreq = dir.path().join("devices/system/cpu/cpu1/cpufreq");
+        std::fs::create_dir_all(&cpufreq).unwrap();
+        std::fs::write(cpufreq.join("scaling_cur_freq"), "1200000\n").unwrap();
+        std::fs::write(cpufreq.join("cpuinfo_max_freq"), "3000000\n").unwrap();
+        let factors = frequency_factors(dir.path(), &Topology::uniform(2));
+        assert_eq!(factors, vec![1.0, 0.4]);
     }
 
     #[test]
