@@ -83,6 +83,10 @@ fn processes_and_containers_match_the_kernels_own_run_time() {
             kernel > 1.0,
             "the burner ran only {kernel}s: machine overloaded?"
         );
+        eprintln!(
+            "pid {}: powerlens {ours:.6} s, schedstat {kernel:.6} s",
+            burner.pid()
+        );
     }
     assert_eq!(
         processes.as_array().map(Vec::len),
@@ -107,6 +111,7 @@ fn processes_and_containers_match_the_kernels_own_run_time() {
         .unwrap_or_else(|| panic!("pod {pod_uid} not in {pods}"));
     assert_eq!(pod["containers"][0], container_id.as_str());
     let container_seconds = container["cpu_seconds"].as_f64().expect("cpu_seconds");
+    eprintln!("container: powerlens {container_seconds:.6} s, sum of schedstat {kernel_sum:.6} s");
     assert!(
         relative_error(
             pod["cpu_seconds"].as_f64().expect("pod cpu"),
@@ -172,6 +177,9 @@ fn a_thousand_short_lived_processes_are_all_counted() {
     // At least 99% of the children's time (the bar); at most their
     // time plus the parent's own (fork/wait) plus 2% for rounding of
     // getrusage to microseconds.
+    eprintln!(
+        "short-lived: container {ours:.6} s, children {children:.6} s, parent {parent_self:.6} s"
+    );
     assert!(
         ours >= 0.99 * children,
         "container {ours:.4}s < 99% of children's {children:.4}s"
@@ -218,6 +226,7 @@ fn a_multi_threaded_process_is_one_process_with_the_sum_of_its_threads() {
         "threads must not show as processes: {processes}"
     );
     let ours = list[0]["cpu_seconds"].as_f64().expect("cpu_seconds");
+    eprintln!("4 threads: powerlens {ours:.6} s, threads' schedstat {kernel:.6} s");
     assert!(
         relative_error(ours, kernel) < 0.02,
         "powerlens {ours:.4}s vs threads' schedstat {kernel:.4}s"
@@ -265,6 +274,7 @@ fn when_the_kernel_refuses_the_programs_procfs_sampling_still_attributes_cpu() {
     assert_eq!(container["method"], "procfs");
     assert_eq!(container["runtime"], "cri-o");
     let ours = container["cpu_seconds"].as_f64().expect("cpu_seconds");
+    eprintln!("procfs fallback: powerlens {ours:.3} s, schedstat {kernel:.3} s");
     // procfs counts in clock ticks (10 ms) and the first sample after the
     // process appeared is its baseline: allow 10% + one interval (250 ms).
     assert!(
