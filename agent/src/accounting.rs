@@ -184,13 +184,6 @@ impl Accounting {
         self.workload_slots.iter().flatten()
     }
 
-    /// The path of a cgroup seen in a reading.
-    pub fn cgroup_path(&self, cgroup_id: u64) -> Option<&Arc<str>> {
-        self.cgroup_slots
-            .get(&cgroup_id)
-            .and_then(|(_, path)| path.as_ref())
-    }
-
     pub fn cgroup_paths(&self) -> impl Iterator<Item = (u64, &Arc<str>)> {
         self.cgroup_slots
             .iter()

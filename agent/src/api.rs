@@ -2,7 +2,7 @@
 //!
 //! Every handler reads one `Arc<Snapshot>` and never waits on the collector.
 
-use std::{collections::HashMap, net::SocketAddr, time::SystemTime};
+use std::{collections::HashMap, time::SystemTime};
 
 use axum::{
     Json, Router,
@@ -44,10 +44,6 @@ pub async fn serve(
     axum::serve(listener, router(snapshot))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
-}
-
-pub fn local_addr(listener: &tokio::net::TcpListener) -> Option<SocketAddr> {
-    listener.local_addr().ok()
 }
 
 /// A JSON error: `{"error": "...", "status": 404}`.

@@ -206,11 +206,6 @@ impl Collector {
         seconds
     }
 
-    /// Replaces the GPU source (tests drive a fake one).
-    pub fn energy_mut(&mut self) -> &mut EnergyCollector {
-        &mut self.energy
-    }
-
     fn account_energy(
         &mut self,
         usage: &[crate::cpu::ProcessUsage],

@@ -184,20 +184,6 @@ impl CgroupResolver {
         }
     }
 
-    /// Looks a cgroup up by its path (as `/proc/<pid>/cgroup` gives it):
-    /// one `stat`, cached.
-    pub fn id_of_path(&mut self, relative: &str) -> Option<u64> {
-        let full = self.root.join(relative.trim_start_matches('/'));
-        let metadata = std::fs::metadata(&full).ok()?;
-        let id = metadata.ino();
-        let normalized = if relative.is_empty() { "/" } else { relative };
-        self.by_id.entry(id).or_insert_with(|| CgroupInfo {
-            workload: Arc::new(parse_cgroup_path(normalized)),
-            path: Arc::from(normalized),
-        });
-        Some(id)
-    }
-
     /// Whether the cgroup directory is still there (and still the same one).
     pub fn still_exists(&self, id: u64) -> bool {
         let Some(info) = self.by_id.get(&id) else {
@@ -205,10 +191,6 @@ impl CgroupResolver {
         };
         let full = self.root.join(info.path.trim_start_matches('/'));
         std::fs::metadata(full).is_ok_and(|m| m.ino() == id)
-    }
-
-    pub fn known(&self) -> usize {
-        self.by_id.len()
     }
 }
 

@@ -167,12 +167,6 @@ impl EnergyCollector {
         })
     }
 
-    /// Replaces the GPU source (tests drive a fake one).
-    pub fn set_gpu(&mut self, gpu: GpuSource) {
-        self.gpu_health = SourceHealth::ok(gpu.name());
-        self.gpu = Some(gpu);
-    }
-
     pub fn coefficients(&self) -> ModelCoefficients {
         self.model_coefficients
     }

@@ -56,14 +56,6 @@ impl Domain {
     pub const fn in_total(self) -> bool {
         matches!(self, Domain::Package | Domain::Dram | Domain::Gpu)
     }
-
-    /// Whether the domain's dynamic energy follows CPU time on one socket.
-    pub const fn per_socket(self) -> bool {
-        matches!(
-            self,
-            Domain::Package | Domain::Core | Domain::Uncore | Domain::Dram
-        )
-    }
 }
 
 impl fmt::Display for Domain {
@@ -94,10 +86,6 @@ impl EnergyMethod {
             EnergyMethod::Hwmon => "hwmon",
             EnergyMethod::Model => "model",
         }
-    }
-
-    pub const fn is_estimate(self) -> bool {
-        matches!(self, EnergyMethod::Model)
     }
 }
 
