@@ -134,11 +134,7 @@ impl Snapshot {
                 workload: Arc::clone(&w.workload),
                 cgroup_path: w.cgroup_path.clone(),
                 cpu_ns_by_socket: w.cpu_ns_by_socket,
-                interval_ns: if w.interval_seq == seq {
-                    w.interval_ns
-                } else {
-                    0
-                },
+                interval_ns: current(w.interval_seq, seq, w.interval_ns),
                 energy_joules: w.energy.joules,
                 interval_energy_joules: w.energy.interval(seq),
                 first_seen: w.first_seen,
@@ -156,11 +152,7 @@ impl Snapshot {
                 cgroup_id: p.cgroup_id,
                 workload: index_of_slot.get(p.workload).copied().unwrap_or(usize::MAX),
                 cpu_ns_by_socket: p.cpu_ns_by_socket,
-                interval_ns: if p.interval_seq == seq {
-                    p.interval_ns
-                } else {
-                    0
-                },
+                interval_ns: current(p.interval_seq, seq, p.interval_ns),
                 energy_joules: p.energy.joules,
                 interval_energy_joules: p.energy.interval(seq),
                 first_seen: p.first_seen,
@@ -238,6 +230,11 @@ pub struct SnapshotBase {
     /// Temperatures, GPUs, source health and model state of the interval
     /// (the node's books come from the accounting).
     pub energy: EnergyView,
+}
+
+/// A per-interval figure if it was set in interval `seq`, else 0.
+fn current(set_in: u64, seq: u64, value: u64) -> u64 {
+    if set_in == seq { value } else { 0 }
 }
 
 /// Seconds from nanoseconds.

@@ -463,16 +463,19 @@ fn map_error(map: &'static str, error: impl std::fmt::Display) -> CpuSourceError
     }
 }
 
-fn load_iter(ebpf: &mut Ebpf, name: &'static str, btf: &Btf) -> Result<(), EbpfLoadError> {
-    let program: &mut Iter = ebpf
-        .program_mut(name)
+/// The task iterator program `name` of the object.
+fn iter_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Iter, EbpfLoadError> {
+    ebpf.program_mut(name)
         .ok_or(EbpfLoadError::MissingProgram(name))?
         .try_into()
         .map_err(|source| EbpfLoadError::Program {
             program: name,
             source,
-        })?;
-    program
+        })
+}
+
+fn load_iter(ebpf: &mut Ebpf, name: &'static str, btf: &Btf) -> Result<(), EbpfLoadError> {
+    iter_program(ebpf, name)?
         .load("task", btf)
         .map_err(|source| EbpfLoadError::Program {
             program: name,
@@ -482,14 +485,7 @@ fn load_iter(ebpf: &mut Ebpf, name: &'static str, btf: &Btf) -> Result<(), EbpfL
 
 /// Runs a loaded task iterator once, appending its output to `out`.
 fn run_iter(ebpf: &mut Ebpf, name: &'static str, out: &mut Vec<u8>) -> Result<(), EbpfLoadError> {
-    let program: &mut Iter = ebpf
-        .program_mut(name)
-        .ok_or(EbpfLoadError::MissingProgram(name))?
-        .try_into()
-        .map_err(|source| EbpfLoadError::Program {
-            program: name,
-            source,
-        })?;
+    let program = iter_program(ebpf, name)?;
     let link_id = program.attach().map_err(|source| EbpfLoadError::Program {
         program: name,
         source,
