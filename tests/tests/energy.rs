@@ -150,6 +150,7 @@ fn dynamic_energy_splits_like_cpu_time_and_the_books_balance() {
     eprintln!("package energy split A:B = {energy_ratio:.4}, CPU split = {cpu_ratio:.4}");
     assert_eq!(container_a["energy_method"]["package"], "rapl");
     assert_eq!(container_a["estimated"], false);
+    assert!(container_a["relative_uncertainty"].is_null());
     let dram_ratio =
         f(&container_a, &["energy_joules", "dram"]) / f(&container_b, &["energy_joules", "dram"]);
     assert!(
@@ -226,6 +227,10 @@ fn without_a_meter_the_model_reports_estimated_watts() {
     assert!(f(&node, &["power_watts", "uncertainty", "package"]) > 0.0);
     let (_, container) = agent.get(&format!("/api/v1/containers/{id}"));
     assert_eq!(container["estimated"], true);
+    assert!(
+        f(&container, &["relative_uncertainty"]) > 0.0,
+        "{container}"
+    );
     assert!(
         f(&container, &["power_watts", "total"]) > 0.0,
         "{container}"

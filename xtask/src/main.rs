@@ -258,7 +258,8 @@ fn setup() -> anyhow::Result<()> {
     // 1. LLVM for bpf-linker.
     let llvm_config = format!("/usr/lib/llvm-{LLVM_MAJOR}/bin/llvm-config");
     let llvm_present = Path::new(&llvm_config).exists()
-        && Path::new(&format!("/usr/lib/llvm-{LLVM_MAJOR}/lib/libPolly.a")).exists();
+        && Path::new(&format!("/usr/lib/llvm-{LLVM_MAJOR}/lib/libPolly.a")).exists()
+        && Path::new("/usr/include/zstd.h").exists();
     if !llvm_present {
         if is_root() && Path::new("/usr/bin/apt-get").exists() {
             run_step("refreshing package lists", "apt-get", &["update"], None)?;
