@@ -227,11 +227,19 @@ fn energy_fields(
     joules: &DomainJoules,
     interval_joules: &DomainJoules,
 ) -> Value {
+    // Estimates carry the model's relative uncertainty (one standard
+    // deviation); measured figures carry none.
+    let uncertainty = snapshot
+        .energy
+        .estimated
+        .then(|| snapshot.energy.model.map(|m| m.relative_uncertainty))
+        .flatten();
     json!({
         "energy_joules": by_domain(snapshot, joules, 1.0),
         "power_watts": by_domain(snapshot, interval_joules, snapshot.energy.node.interval_seconds),
         "energy_method": energy_methods(snapshot),
         "estimated": snapshot.energy.estimated,
+        "relative_uncertainty": uncertainty,
     })
 }
 
