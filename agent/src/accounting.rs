@@ -311,10 +311,21 @@ impl Accounting {
                     })
                     .collect(),
             };
-            let result = split(energy.joules, idle_watts * seconds, &activity, policy);
+            // `even` shares idle energy between workloads, not processes (a
+            // container of 100 processes is one workload): split without
+            // idle first, then hand the idle part out per workload below.
+            let split_policy = if policy == IdlePolicy::Even {
+                IdlePolicy::Unattributed
+            } else {
+                policy
+            };
+            let mut result = split(energy.joules, idle_watts * seconds, &activity, split_policy);
             let mut attributed = 0.0;
             let mut unattributed = result.unattributed;
-            for (key, dynamic, idle) in result.shares {
+            // Per workload slot: its charged processes and their weights.
+            let mut active_workloads: FxHashMap<usize, Vec<(ProcessKey, f64)>> =
+                FxHashMap::default();
+            for (key, dynamic, idle) in std::mem::take(&mut result.shares) {
                 let joules = dynamic + idle;
                 let charged = key
                     .and_then(|key| self.processes.get_mut(&key))
@@ -322,17 +333,46 @@ impl Accounting {
                         process.energy.charge(domain, joules, seq);
                         process.workload
                     });
-                match charged {
-                    Some(slot) => {
+                match (charged, key) {
+                    (Some(slot), Some(key)) => {
                         if let Some(workload) = self.workload_slots[slot].as_mut() {
                             workload.energy.charge(domain, joules, seq);
                         }
                         attributed += joules;
+                        // Dynamic shares are proportional to activity, so
+                        // they weigh the processes within a workload.
+                        active_workloads
+                            .entry(slot)
+                            .or_default()
+                            .push((key, dynamic));
                     }
                     // A GPU user the CPU accounting has not seen (another
                     // PID namespace, or gone): the node keeps its energy.
-                    None => unattributed += joules,
+                    _ => unattributed += joules,
                 }
+            }
+            if policy == IdlePolicy::Even && !active_workloads.is_empty() && result.idle > 0.0 {
+                let per_workload = result.idle / active_workloads.len() as f64;
+                let mut given = 0.0;
+                for (slot, members) in &active_workloads {
+                    if let Some(workload) = self.workload_slots[*slot].as_mut() {
+                        workload.energy.charge(domain, per_workload, seq);
+                    }
+                    let total: f64 = members.iter().map(|(_, w)| w).sum();
+                    for (key, weight) in members {
+                        let share = if total > 0.0 {
+                            per_workload * weight / total
+                        } else {
+                            per_workload / members.len() as f64
+                        };
+                        if let Some(process) = self.processes.get_mut(key) {
+                            process.energy.charge(domain, share, seq);
+                        }
+                    }
+                    given += per_workload;
+                }
+                attributed += given;
+                result.idle -= given;
             }
             let node = &mut self.node_energy;
             node.measured[d] += energy.joules;
@@ -735,6 +775,48 @@ mod tests {
         let node = accounting.node_energy();
         assert_eq!(node.measured[Domain::Package as usize], 70.0);
         assert_eq!(node.attributed[Domain::Package as usize], 70.0);
+    }
+
+    #[test]
+    fn even_idle_is_shared_by_workloads_not_processes() {
+        let mut accounting = Accounting::new(Duration::from_secs(60));
+        // Three processes in the container (cgroup 1), one in sshd (cgroup 2).
+        let usage = vec![
+            usage(10, 1, 100),
+            usage(11, 1, 100),
+            usage(12, 1, 100),
+            usage(13, 2, 100),
+        ];
+        let reading = CpuReading {
+            usage: usage.clone(),
+            ..Default::default()
+        };
+        accounting.apply(&reading, at(0), Duration::from_secs(1), &[0], &mut resolver);
+        let interval = EnergyInterval {
+            energies: vec![energy(Domain::Package, 0, 100.0)],
+            ..Default::default()
+        };
+        accounting.apply_energy(&usage, &interval, 1.0, IdlePolicy::Even, &|_| {
+            IdleBaseline::configured(20.0)
+        });
+        let d = Domain::Package as usize;
+        let container = accounting
+            .workload(&format!("container:{CONTAINER}"))
+            .unwrap();
+        let sshd = accounting.workload("service:sshd.service").unwrap();
+        // Dynamic 80 J by CPU time (3:1), idle 20 J half each.
+        assert!((container.energy.joules[d] - (60.0 + 10.0)).abs() < 1e-9);
+        assert!((sshd.energy.joules[d] - (20.0 + 10.0)).abs() < 1e-9);
+        let p10 = accounting.processes()[&ProcessKey {
+            pid: 10,
+            start_ns: 1,
+        }]
+            .energy
+            .joules[d];
+        assert!((p10 - (20.0 + 10.0 / 3.0)).abs() < 1e-9);
+        let node = accounting.node_energy();
+        assert!(node.idle[d].abs() < 1e-9);
+        assert!((node.attributed[d] - 100.0).abs() < 1e-9);
     }
 
     #[test]
