@@ -296,17 +296,24 @@ fn on_switch_out(prev: *mut c_void, prev_state: u32) {
     // SAFETY: entry is this thread's storage, written on this path only by
     // the CPU the thread is switching out of.
     let entry = unsafe { &mut *entry };
-    if runtime > entry.last_runtime_ns {
-        let slice = runtime - entry.last_runtime_ns;
+    let last = entry.last_runtime_ns;
+    // `last` first, then the cumulative figure: the iterator reads them in
+    // the opposite order, so it never sees the slice twice (see dump_tasks).
+    // SAFETY: aligned stores into this thread's storage; volatile keeps the
+    // compiler from reordering them.
+    unsafe { ptr::write_volatile(&raw mut entry.last_runtime_ns, runtime) };
+    if runtime > last {
+        let slice = runtime - last;
         // SAFETY: a helper without arguments (inlined by the verifier).
         let cpu = unsafe { bpf_get_smp_processor_id() };
-        entry.by_socket[socket_of(cpu)].cumulative_ns += slice;
+        let socket = &mut entry.by_socket[socket_of(cpu)];
+        // SAFETY: as above.
+        unsafe { ptr::write_volatile(&raw mut socket.cumulative_ns, socket.cumulative_ns + slice) };
         if let Some(busy) = CPU_BUSY_NS.get_ptr_mut(0) {
             // SAFETY: this CPU's slot.
             unsafe { *busy += slice };
         }
     }
-    entry.last_runtime_ns = runtime;
     if prev_state & TASK_DEAD != 0 {
         flush_exited(prev, entry);
     }
@@ -434,11 +441,24 @@ extern "C" fn dump_tasks(ctx: *mut BpfIterTask) -> i32 {
     };
     let mut record: TaskRecord = unsafe { MaybeUninit::zeroed().assume_init() };
     let task_ptr: *const u8 = task.cast();
-    // SAFETY: entry is a live storage value. The switch path may write
-    // `last_runtime_ns` and `cumulative_ns` concurrently: aligned 8-byte
-    // loads never tear, and a momentarily inconsistent pair over-reports one
-    // slice early, which the monotonic reported mark absorbs later.
+    // SAFETY: entry is a live storage value.
     let entry = unsafe { &mut *entry };
+    // The switch path may update this thread's storage concurrently, on the
+    // CPU the thread leaves. It stores `last_runtime_ns` before the
+    // cumulative figure; reading in the opposite order (cumulative first)
+    // means a half-done update can only look like less run time than there
+    // is, never more (x86 keeps stores and loads in program order), and
+    // under-reporting is made up by the next read.
+    let mut cumulative = [0u64; MAX_SOCKETS];
+    for (out, socket) in cumulative
+        .iter_mut()
+        .zip(entry.by_socket.iter())
+        .take(sockets())
+    {
+        // SAFETY: an aligned 8-byte load of a live map value.
+        *out = unsafe { ptr::read_volatile(&raw const socket.cumulative_ns) };
+    }
+    // SAFETY: as above.
     let last = unsafe { ptr::read_volatile(&raw const entry.last_runtime_ns) };
     // The slice in progress: scheduler run time not yet seen at a switch.
     // `sum_exec_runtime` of a running task is updated at every tick.
@@ -450,18 +470,19 @@ extern "C" fn dump_tasks(ctx: *mut BpfIterTask) -> i32 {
         in_progress_socket = socket_of(record.cpu);
     }
     let mut anything = record.in_progress_ns > 0;
-    for (index, (socket, delta)) in entry
+    for (index, ((socket, delta), total)) in entry
         .by_socket
         .iter_mut()
         .zip(record.runtime_ns_by_socket.iter_mut())
+        .zip(cumulative)
         .take(sockets())
         .enumerate()
     {
-        // SAFETY: as above.
-        let mut total = unsafe { ptr::read_volatile(&raw const socket.cumulative_ns) };
-        if index == in_progress_socket {
-            total += record.in_progress_ns;
-        }
+        let total = if index == in_progress_socket {
+            total + record.in_progress_ns
+        } else {
+            total
+        };
         *delta = report_up_to(&raw mut socket.reported_ns, total);
         anything |= *delta != 0;
     }
