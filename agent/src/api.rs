@@ -115,6 +115,12 @@ fn check_params(params: &HashMap<String, String>, allowed: &[&str]) -> Result<()
     Ok(())
 }
 
+/// For list endpoints whose only parameter is `limit`.
+fn limit_only(params: &HashMap<String, String>) -> Result<usize, ApiError> {
+    check_params(params, &["limit"])?;
+    Ok(parse_limit(params)?.unwrap_or(usize::MAX))
+}
+
 fn parse_limit(params: &HashMap<String, String>) -> Result<Option<usize>, ApiError> {
     match params.get("limit") {
         None => Ok(None),
@@ -276,8 +282,7 @@ async fn list_containers(
     State(shared): State<SharedSnapshot>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    check_params(&params, &["limit"])?;
-    let limit = parse_limit(&params)?.unwrap_or(usize::MAX);
+    let limit = limit_only(&params)?;
     let snapshot = shared.latest();
     let mut views: Vec<&WorkloadView> = snapshot.containers().collect();
     views.sort_unstable_by(|a, b| a.key.cmp(&b.key));
@@ -407,8 +412,7 @@ async fn list_workloads(
     State(shared): State<SharedSnapshot>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    check_params(&params, &["limit"])?;
-    let limit = parse_limit(&params)?.unwrap_or(usize::MAX);
+    let limit = limit_only(&params)?;
     let snapshot = shared.latest();
     let mut views: Vec<&WorkloadView> = snapshot.workloads.iter().collect();
     views.sort_unstable_by(|a, b| a.key.cmp(&b.key));
@@ -449,8 +453,7 @@ async fn list_pods(
     State(shared): State<SharedSnapshot>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    check_params(&params, &["limit"])?;
-    let limit = parse_limit(&params)?.unwrap_or(usize::MAX);
+    let limit = limit_only(&params)?;
     let snapshot = shared.latest();
     struct PodSum<'a> {
         qos: &'static str,
