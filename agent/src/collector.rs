@@ -253,14 +253,8 @@ impl Collector {
                     wall,
                     self.topology.online_cpus(),
                     &mut |cgroup_id| {
-                        let info = resolver.resolve(cgroup_id).cloned();
-                        Resolved {
-                            workload: info.as_ref().map_or_else(
-                                || resolver.workload(cgroup_id),
-                                |i| i.workload.clone(),
-                            ),
-                            path: info.map(|i| i.path),
-                        }
+                        let (workload, path) = resolver.workload_and_path(cgroup_id);
+                        Resolved { workload, path }
                     },
                 );
                 let energy_seconds = self.since_energy_read();

@@ -142,11 +142,12 @@ impl CgroupResolver {
         self.by_id.get(&id)
     }
 
-    /// The workload for `id`, the host when the cgroup is unknown.
-    pub fn workload(&mut self, id: u64) -> Arc<Workload> {
+    /// The workload and path of `id` in one lookup: the host and no path
+    /// when the cgroup is unknown.
+    pub fn workload_and_path(&mut self, id: u64) -> (Arc<Workload>, Option<Arc<str>>) {
         match self.resolve(id) {
-            Some(info) => Arc::clone(&info.workload),
-            None => Arc::clone(&self.unknown),
+            Some(info) => (Arc::clone(&info.workload), Some(Arc::clone(&info.path))),
+            None => (Arc::clone(&self.unknown), None),
         }
     }
 
