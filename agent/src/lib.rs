@@ -17,3 +17,6 @@ pub mod procinfo;
 pub mod snapshot;
 pub mod table;
 pub mod topology;
+
+#[cfg(test)]
+pub(crate) mod test_support;

@@ -182,11 +182,7 @@ mod tests {
         assert_eq!(parse_cpu_list("0-99999"), None);
     }
 
-    fn write(root: &Path, relative: &str, content: &str) {
-        let path = root.join(relative);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, content).unwrap();
-    }
+    use crate::test_support::write_fixture as write;
 
     #[test]
     fn reads_two_sockets_from_a_sysfs_tree() {

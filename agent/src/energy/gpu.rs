@@ -409,9 +409,7 @@ pub(crate) mod tests {
     fn amdgpu_hwmon_energy_and_power() {
         let dir = tempfile::tempdir().unwrap();
         let write = |relative: &str, content: &str| {
-            let path = dir.path().join(relative);
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(path, content).unwrap();
+            crate::test_support::write_fixture(dir.path(), relative, content);
         };
         write("hwmon0/name", "coretemp\n");
         write("hwmon1/name", "amdgpu\n");

@@ -138,11 +138,7 @@ pub fn read_amdgpu_counters(chip: &Path) -> (Option<u64>, Option<u64>) {
 mod tests {
     use super::*;
 
-    fn write(root: &Path, relative: &str, content: &str) {
-        let path = root.join(relative);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, content).unwrap();
-    }
+    use crate::test_support::write_fixture as write;
 
     #[test]
     fn reads_coretemp_packages_and_thermal_zones() {
