@@ -81,12 +81,22 @@ pub fn split<K: Copy>(
         given_idle += idle_share;
         shares.push((*key, dynamic * fraction, idle_share));
     }
-    // Whatever rounding left over stays in the node buckets, so the sum is
-    // exact to the last bit of `measured`.
+    // Rounding leaves a few ulps over or under. The largest share absorbs
+    // them (it is at least 1/n of the total, so it cannot turn negative),
+    // which keeps the sum exact and the node buckets at exactly what the
+    // policy leaves there, never a negative crumb.
+    let idle_to_give = match policy {
+        IdlePolicy::Unattributed => 0.0,
+        IdlePolicy::Even | IdlePolicy::Proportional => idle_joules,
+    };
+    if let Some(largest) = shares.iter_mut().max_by(|a, b| a.1.total_cmp(&b.1)) {
+        largest.1 += dynamic - given_dynamic;
+        largest.2 += idle_to_give - given_idle;
+    }
     Split {
         shares,
-        idle: idle_joules - given_idle,
-        unattributed: dynamic - given_dynamic,
+        idle: idle_joules - idle_to_give,
+        unattributed: 0.0,
     }
 }
 
