@@ -11,15 +11,15 @@ use crate::{
     accounting::{Accounting, Resolved},
     cgroup::CgroupResolver,
     config::{Config, MethodChoice},
-    cpu::{CpuTimeSource, Method, procfs::ProcfsCpuSource},
+    cpu::{CpuTimeSource, Method, ProgramStats, procfs::ProcfsCpuSource},
     ebpf::{EbpfCpuSource, EbpfLoadError, EbpfOptions},
     energy::{
-        Domain,
+        DeviceEnergy, Domain, SourceState, add_interval,
         attribution::{IdleBaseline, IdlePolicy},
         collector::{EnergyCollector, EnergyInterval, EnergyOptions, SourceRoot},
         model::ModelCoefficients,
     },
-    snapshot::{EnergyView, SharedSnapshot, Snapshot, SnapshotBase, SourceStatus},
+    snapshot::{AgentUsage, EnergyView, SharedSnapshot, Snapshot, SnapshotBase, SourceStatus},
     topology::Topology,
 };
 
@@ -88,7 +88,7 @@ pub fn select_source(
     };
     let ok = |name: &str| SourceStatus {
         name: name.to_owned(),
-        status: "ok",
+        status: SourceState::Ok,
         reason: None,
     };
     match config.method {
@@ -97,7 +97,7 @@ pub fn select_source(
             vec![
                 SourceStatus {
                     name: "cpu:ebpf".into(),
-                    status: "disabled",
+                    status: SourceState::Disabled,
                     reason: Some("method = procfs in the configuration".into()),
                 },
                 ok("cpu:procfs"),
@@ -120,7 +120,7 @@ pub fn select_source(
                         vec![
                             SourceStatus {
                                 name: "cpu:ebpf".into(),
-                                status: "failing",
+                                status: SourceState::Failing,
                                 reason: Some(reason),
                             },
                             ok("cpu:procfs"),
@@ -154,6 +154,9 @@ pub struct Collector {
     idle_percentile: f64,
     last_energy: EnergyInterval,
     last_energy_read: Instant,
+    /// Each domain instance's energy since start (for device series).
+    devices: Vec<DeviceEnergy>,
+    programs: Vec<ProgramStats>,
 }
 
 /// After this many failed reads in a row the eBPF source is replaced by
@@ -196,6 +199,8 @@ impl Collector {
             idle_percentile: config.idle_percentile,
             last_energy: EnergyInterval::default(),
             last_energy_read: Instant::now(),
+            devices: Vec::new(),
+            programs: Vec::new(),
         }
     }
 
@@ -221,6 +226,7 @@ impl Collector {
         };
         self.accounting
             .apply_energy(usage, &interval, seconds, self.idle_policy, &baseline_for);
+        add_interval(&mut self.devices, &interval.energies);
         self.last_energy = interval;
     }
 
@@ -241,10 +247,11 @@ impl Collector {
             Ok(reading) => {
                 self.last_read = read_at;
                 self.consecutive_errors = 0;
-                self.set_status(self.source_name(), "ok", None);
+                self.set_status(self.source_name(), SourceState::Ok, None);
                 if !reading.losses.is_empty() {
                     self.losses = reading.losses.clone();
                 }
+                self.programs = reading.programs.clone();
                 self.resolver.new_round();
                 let resolver = &mut self.resolver;
                 self.accounting.apply(
@@ -269,7 +276,7 @@ impl Collector {
                 self.consecutive_errors += 1;
                 let reason = error_chain(&error);
                 warn!(source = self.source_name(), "read failed: {reason}");
-                self.set_status(self.source_name(), "failing", Some(reason));
+                self.set_status(self.source_name(), SourceState::Failing, Some(reason));
                 if self.source.method() == Method::Ebpf
                     && self.consecutive_errors >= FAILURES_BEFORE_FALLBACK
                 {
@@ -283,7 +290,7 @@ impl Collector {
                     ));
                     self.sources.push(SourceStatus {
                         name: "cpu:procfs".into(),
-                        status: "ok",
+                        status: SourceState::Ok,
                         reason: None,
                     });
                     self.consecutive_errors = 0;
@@ -316,8 +323,11 @@ impl Collector {
                     model_fits: self.last_energy.model_fits.clone(),
                     model: Some(self.energy.coefficients()),
                     estimated: !self.energy.metered(),
+                    devices: self.devices.clone(),
                     ..EnergyView::default()
                 },
+                agent: AgentUsage::measure(),
+                programs: self.programs.clone(),
             },
         ));
         let cpu_done = thread_cpu_us();
@@ -338,10 +348,10 @@ impl Collector {
         }
     }
 
-    fn set_status(&mut self, name: &str, status: &'static str, reason: Option<String>) {
+    fn set_status(&mut self, name: &str, status: SourceState, reason: Option<String>) {
         if let Some(entry) = self.sources.iter_mut().find(|s| s.name == name) {
             if entry.status != status {
-                info!(source = name, "source is now {status}");
+                info!(source = name, "source is now {}", status.as_str());
             }
             entry.status = status;
             entry.reason = reason;

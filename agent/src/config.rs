@@ -12,7 +12,10 @@ use std::{
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use thiserror::Error;
 
-use crate::energy::{Domain, attribution::IdlePolicy};
+use crate::{
+    energy::{Domain, attribution::IdlePolicy},
+    sinks::otlp::OtlpConfig,
+};
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -87,6 +90,14 @@ pub struct Config {
     /// The power model used where no meter exists, per socket.
     pub model_idle_watts_per_socket: f64,
     pub model_max_watts_per_socket: f64,
+    /// A second address serving only `/metrics` and `/healthz` (e.g. the
+    /// node's address, while `listen` stays on loopback).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Per-process series in `/metrics` and OTLP (high cardinality).
+    pub export_processes: bool,
+    /// OTLP push; off unless an endpoint is configured here, by flag or by
+    /// the standard OTEL_EXPORTER_OTLP_* variables.
+    pub otlp: OtlpConfig,
 }
 
 impl Default for Config {
@@ -112,6 +123,9 @@ impl Default for Config {
             idle_percentile: 0.05,
             model_idle_watts_per_socket: 20.0,
             model_max_watts_per_socket: 100.0,
+            metrics_listen: None,
+            export_processes: false,
+            otlp: OtlpConfig::default(),
         }
     }
 }
@@ -183,6 +197,16 @@ pub struct Overrides {
     /// Model: watts per socket at full load.
     #[arg(long, env = "POWERLENS_MODEL_MAX_WATTS")]
     pub model_max_watts_per_socket: Option<f64>,
+    /// Also serve /metrics (and /healthz) on this address.
+    #[arg(long, env = "POWERLENS_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Export per-process series too (high cardinality).
+    #[arg(long, env = "POWERLENS_EXPORT_PROCESSES")]
+    pub export_processes: bool,
+    /// OTLP endpoint (e.g. http://otel-collector:4317); beats
+    /// OTEL_EXPORTER_OTLP_ENDPOINT and the file's `otlp.endpoint`.
+    #[arg(long, env = "POWERLENS_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 fn parse_idle_watts(text: &str) -> Result<BTreeMap<String, f64>, String> {
@@ -285,6 +309,12 @@ impl Config {
         if let Some(v) = o.model_max_watts_per_socket {
             self.model_max_watts_per_socket = v;
         }
+        if let Some(v) = o.metrics_listen {
+            self.metrics_listen = Some(v);
+        }
+        if o.export_processes {
+            self.export_processes = true;
+        }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -384,6 +414,27 @@ impl Config {
             });
         }
         Ok(())
+    }
+}
+
+/// Optional durations as human text in TOML.
+pub(crate) mod optional_duration_text {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(
+        value: &Option<Duration>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(value) => super::duration_text::serialize(value, serializer),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        super::duration_text::deserialize(deserializer).map(Some)
     }
 }
 

@@ -3,7 +3,8 @@
 //! Data flow: kernel programs (`agent-ebpf`) charge on-CPU time to
 //! processes and cgroups → [`cpu`] sources read it as deltas → [`accounting`]
 //! keeps cumulative figures per process, workload and CPU → one
-//! [`snapshot::Snapshot`] per interval → the [`api`] and the [`table`].
+//! [`snapshot::Snapshot`] per interval → its typed [`view`] → the [`api`],
+//! the [`table`] and the [`sinks`] (Prometheus `/metrics`, OTLP).
 
 pub mod accounting;
 pub mod api;
@@ -14,9 +15,11 @@ pub mod cpu;
 pub mod ebpf;
 pub mod energy;
 pub mod procinfo;
+pub mod sinks;
 pub mod snapshot;
 pub mod table;
 pub mod topology;
+pub mod view;
 
 #[cfg(test)]
 pub(crate) mod test_support;

@@ -10,6 +10,10 @@ use powerlens::{
     collector::{Collector, energy_options, error_chain, select_source},
     config::{Config, Overrides},
     energy::collector::EnergyCollector,
+    sinks::{
+        otlp,
+        prometheus::{self, MetricsOptions, MetricsState},
+    },
     snapshot::{SharedSnapshot, Snapshot},
     table,
     topology::Topology,
@@ -50,6 +54,11 @@ fn main() -> anyhow::Result<()> {
 
 fn run(overrides: &Overrides) -> anyhow::Result<()> {
     let config = Config::load(overrides)?;
+    // Checked before anything starts: a bad OTLP setting is a clear error,
+    // not a silent lack of data.
+    let otlp_settings = otlp::resolve(&config.otlp, overrides.otlp_endpoint.as_deref(), &|name| {
+        std::env::var(name).ok()
+    })?;
     let topology = Topology::read(&config.sysfs_root).context("reading CPU topology")?;
     if topology.has_socket_overflow() {
         warn!(
@@ -91,7 +100,40 @@ fn run(overrides: &Overrides) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     runtime.spawn(wait_for_signal(shutdown.clone()));
-    let server = runtime.spawn(api::serve(listener, shared.clone(), shutdown.clone()));
+    let state = MetricsState {
+        shared: shared.clone(),
+        options: MetricsOptions {
+            processes: config.export_processes,
+        },
+    };
+    let server = runtime.spawn(api::serve(listener, state.clone(), shutdown.clone()));
+    let metrics_server = match config.metrics_listen {
+        None => None,
+        Some(address) => {
+            let listener = runtime
+                .block_on(tokio::net::TcpListener::bind(address))
+                .with_context(|| format!("binding /metrics to `metrics_listen` = {address}"))?;
+            info!("/metrics also on http://{address}/metrics");
+            Some(runtime.spawn(prometheus::serve(listener, state, shutdown.clone())))
+        }
+    };
+    let otlp = match otlp_settings {
+        None => {
+            info!(
+                "OTLP export off (no endpoint in the config, flags or OTEL_EXPORTER_OTLP_ENDPOINT)"
+            );
+            None
+        }
+        Some(settings) => Some(
+            otlp::start(
+                &settings,
+                &shared,
+                config.export_processes,
+                runtime.handle(),
+            )
+            .context("starting the OTLP export")?,
+        ),
+    };
 
     let mut next = Instant::now() + config.interval;
     while !shutdown.is_cancelled() {
@@ -121,10 +163,20 @@ fn run(overrides: &Overrides) -> anyhow::Result<()> {
         }
     }
     info!("shutting down");
+    if let Some(otlp) = otlp {
+        // The provider's shutdown blocks on a last export: off the runtime.
+        otlp.shutdown();
+    }
     runtime
         .block_on(server)
         .context("API task")?
         .context("API server")?;
+    if let Some(metrics_server) = metrics_server {
+        runtime
+            .block_on(metrics_server)
+            .context("/metrics task")?
+            .context("/metrics server")?;
+    }
     Ok(())
 }
 

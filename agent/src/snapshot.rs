@@ -1,23 +1,27 @@
 //! One immutable snapshot per interval, shared by `Arc` with every reader
-//! (the API, the table), which never block the collector.
+//! (the API, the table, the sinks), which never block the collector.
 
 use std::{
-    sync::{Arc, RwLock},
+    sync::{Arc, OnceLock},
     time::{Duration, SystemTime},
 };
+
+use tokio::sync::watch;
 
 use rustc_hash::FxHashMap;
 
 use crate::{
     accounting::{Accounting, DomainJoules, NodeEnergy},
     cgroup::Workload,
-    cpu::{Comm, Method, ProcessKey, SocketNs, total_ns},
+    cpu::{Comm, Method, ProcessKey, ProgramStats, SocketNs, total_ns},
     energy::{
-        SourceHealth,
+        DeviceEnergy, SourceHealth,
         gpu::GpuDevice,
         model::{ModelCoefficients, ModelFit},
         thermal::Temperature,
     },
+    sinks::ExportStats,
+    view::Figures,
 };
 
 #[derive(Clone, Debug)]
@@ -63,6 +67,38 @@ pub struct EnergyView {
     pub model: Option<ModelCoefficients>,
     /// True when no meter exists and figures come from the model.
     pub estimated: bool,
+    /// Each domain instance's energy since the agent started.
+    pub devices: Vec<DeviceEnergy>,
+}
+
+/// The agent's own resource use, read once per interval.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct AgentUsage {
+    /// User + system CPU time since the agent started.
+    pub cpu_seconds: f64,
+    pub memory_bytes: u64,
+}
+
+impl AgentUsage {
+    /// `getrusage` for CPU, `/proc/self/statm` for resident memory (0 when
+    /// unreadable: the figure is informative, never worth failing over).
+    pub fn measure() -> Self {
+        // SAFETY: getrusage writes into the zeroed struct we pass.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: valid pointer, RUSAGE_SELF always exists.
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        let pages = std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|text| text.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .unwrap_or(0);
+        // SAFETY: sysconf has no preconditions.
+        let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(0) as u64;
+        Self {
+            cpu_seconds: tv(usage.ru_utime) + tv(usage.ru_stime),
+            memory_bytes: pages * page_size,
+        }
+    }
 }
 
 /// State of an input (the CPU source's; energy sources report the same).
@@ -95,9 +131,19 @@ pub struct Snapshot {
     /// Failed reads of the CPU source since start.
     pub read_errors: u64,
     pub energy: EnergyView,
+    pub agent: AgentUsage,
+    pub programs: Vec<ProgramStats>,
+    /// The view every reader shows, computed by the first reader that asks.
+    figures: OnceLock<Arc<Figures>>,
 }
 
 impl Snapshot {
+    /// The typed view of this snapshot (computed once, on first use, by a
+    /// reader: never on the collector's path).
+    pub fn figures(&self) -> Arc<Figures> {
+        Arc::clone(self.figures.get_or_init(|| Arc::new(Figures::build(self))))
+    }
+
     pub fn empty(method: Method, interval: Duration) -> Self {
         let now = SystemTime::now();
         Self {
@@ -115,6 +161,9 @@ impl Snapshot {
             sources: Vec::new(),
             read_errors: 0,
             energy: EnergyView::default(),
+            agent: AgentUsage::default(),
+            programs: Vec::new(),
+            figures: OnceLock::new(),
         }
     }
 
@@ -187,6 +236,9 @@ impl Snapshot {
                 node: accounting.node_energy().clone(),
                 ..base.energy
             },
+            agent: base.agent,
+            programs: base.programs,
+            figures: OnceLock::new(),
         }
     }
 
@@ -230,6 +282,8 @@ pub struct SnapshotBase {
     /// Temperatures, GPUs, source health and model state of the interval
     /// (the node's books come from the accounting).
     pub energy: EnergyView,
+    pub agent: AgentUsage,
+    pub programs: Vec<ProgramStats>,
 }
 
 /// A per-interval figure if it was set in interval `seq`, else 0.
@@ -246,29 +300,41 @@ pub fn total_seconds(by_socket: &SocketNs) -> f64 {
     seconds(total_ns(by_socket))
 }
 
-/// The latest snapshot, swapped in whole by the collector.
+/// The latest snapshot, swapped in whole by the collector: the one seam
+/// between the collector and every reader. Readers clone the `Arc` and let
+/// go at once, so publishing never waits on a slow reader; sinks that act on
+/// each new snapshot `subscribe` and are woken when one is published.
 #[derive(Clone)]
-pub struct SharedSnapshot(Arc<RwLock<Arc<Snapshot>>>);
+pub struct SharedSnapshot {
+    sender: Arc<watch::Sender<Arc<Snapshot>>>,
+    exports: Arc<ExportStats>,
+}
 
 impl SharedSnapshot {
     pub fn new(initial: Snapshot) -> Self {
-        Self(Arc::new(RwLock::new(Arc::new(initial))))
+        let (sender, _) = watch::channel(Arc::new(initial));
+        Self {
+            sender: Arc::new(sender),
+            exports: Arc::new(ExportStats::default()),
+        }
     }
 
     pub fn latest(&self) -> Arc<Snapshot> {
-        // A poisoned lock only means a writer panicked mid-swap of an Arc,
-        // which cannot leave it half-written: keep serving.
-        match self.0.read() {
-            Ok(guard) => Arc::clone(&guard),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
-        }
+        Arc::clone(&self.sender.borrow())
     }
 
     pub fn publish(&self, snapshot: Snapshot) {
-        let snapshot = Arc::new(snapshot);
-        match self.0.write() {
-            Ok(mut guard) => *guard = snapshot,
-            Err(poisoned) => *poisoned.into_inner() = snapshot,
-        }
+        self.sender.send_replace(Arc::new(snapshot));
+    }
+
+    /// A receiver that sees every snapshot published from now on (at least
+    /// the latest one, if it reads slower than they come).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.sender.subscribe()
+    }
+
+    /// Counters the sinks keep about themselves (exports, scrapes).
+    pub fn exports(&self) -> &Arc<ExportStats> {
+        &self.exports
     }
 }

@@ -99,6 +99,17 @@ pub struct CpuReading {
     pub busy_ns_by_cpu: Vec<u64>,
     /// Cumulative loss counters of the source (name, count).
     pub losses: Vec<(&'static str, u64)>,
+    /// Run-time statistics of the kernel programs (eBPF source only).
+    pub programs: Vec<ProgramStats>,
+}
+
+/// A kernel program's cumulative run time and calls, as the kernel counts
+/// them while `kernel.bpf_stats_enabled` is 1 (both stay 0 otherwise).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgramStats {
+    pub name: &'static str,
+    pub run_time_ns: u64,
+    pub run_count: u64,
 }
 
 #[derive(Debug, Error)]

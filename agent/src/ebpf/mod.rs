@@ -22,7 +22,10 @@ use thiserror::Error;
 use tracing::{debug, info};
 
 use crate::{
-    cpu::{Comm, CpuReading, CpuSourceError, CpuTimeSource, Method, ProcessKey, ProcessUsage},
+    cpu::{
+        Comm, CpuReading, CpuSourceError, CpuTimeSource, Method, ProcessKey, ProcessUsage,
+        ProgramStats,
+    },
     procinfo,
     topology::Topology,
 };
@@ -273,6 +276,22 @@ impl EbpfCpuSource {
         Ok(values.iter().copied().collect())
     }
 
+    /// The switch path's and the reader's run-time statistics (one
+    /// `bpf_obj_get_info_by_fd` each). A failure only leaves a program out.
+    fn program_stats(&self) -> Vec<ProgramStats> {
+        [names::SCHED_SWITCH, names::DUMP_TASKS]
+            .into_iter()
+            .filter_map(|name| {
+                let info = self.ebpf.program(name)?.info().ok()?;
+                Some(ProgramStats {
+                    name,
+                    run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+                    run_count: info.run_count(),
+                })
+            })
+            .collect()
+    }
+
     fn read_losses(&self) -> Result<Vec<(&'static str, u64)>, CpuSourceError> {
         let counters = self.per_cpu_counters(names::LOSS_COUNTERS)?;
         let mut losses = Vec::with_capacity(LossCounter::ALL.len());
@@ -433,6 +452,7 @@ impl CpuTimeSource for EbpfCpuSource {
         self.last_busy_ns = busy;
         self.last_in_progress_ns = in_progress_by_cpu;
         reading.losses = self.read_losses()?;
+        reading.programs = self.program_stats();
         Ok(reading)
     }
 }

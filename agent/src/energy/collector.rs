@@ -430,7 +430,10 @@ mod tests {
         );
         assert_eq!(interval.energies[0].joules, 60.0);
         assert!(interval.energies[0].uncertainty_joules.is_some());
-        assert_eq!(interval.health[0].status, "disabled");
+        assert_eq!(
+            interval.health[0].status,
+            crate::energy::SourceState::Disabled
+        );
     }
 
     #[test]

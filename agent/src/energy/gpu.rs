@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use nvml_wrapper::{Nvml, enum_wrappers::device::TemperatureSensor};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Domain, DomainEnergy, DomainId, EnergyError, EnergyMethod};
 
@@ -41,7 +41,7 @@ pub trait GpuBackend: Send {
 }
 
 /// A device as `/api/v1/node` shows it.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct GpuDevice {
     pub index: u32,
     pub name: String,
@@ -52,7 +52,7 @@ pub struct GpuDevice {
     pub power_limit_min_watts: Option<f64>,
     pub power_limit_max_watts: Option<f64>,
     /// `counter` (cumulative energy) or `power` (power × time).
-    pub energy_from: &'static str,
+    pub energy_from: String,
 }
 
 /// One interval of GPU energy and who used which GPU.
@@ -139,7 +139,7 @@ impl GpuSource {
                 power_limit_watts: sample.power_limit_mw.map(watts),
                 power_limit_min_watts: sample.power_limit_range_mw.map(|r| watts(r.0)),
                 power_limit_max_watts: sample.power_limit_range_mw.map(|r| watts(r.1)),
-                energy_from,
+                energy_from: energy_from.to_owned(),
             });
         }
         Ok(reading)

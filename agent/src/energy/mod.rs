@@ -13,12 +13,12 @@ pub mod thermal;
 
 use std::{fmt, path::PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// What a figure measures. `core` and `uncore` are parts of `package`;
 /// `psys` (the platform, on client parts) covers package and dram too.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Domain {
     Package,
@@ -65,7 +65,7 @@ impl fmt::Display for Domain {
 }
 
 /// How an energy figure was obtained.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EnergyMethod {
     /// Intel/AMD RAPL counters through powercap: measured.
@@ -90,7 +90,7 @@ impl EnergyMethod {
 }
 
 /// One domain instance: a socket's package, a GPU, the platform.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct DomainId {
     pub domain: Domain,
     /// Socket for per-socket domains, GPU index for `gpu`, 0 otherwise.
@@ -105,6 +105,40 @@ pub struct DomainEnergy {
     pub method: EnergyMethod,
     /// One standard deviation, for estimates.
     pub uncertainty_joules: Option<f64>,
+}
+
+/// One domain instance's energy since the agent started.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceEnergy {
+    pub id: DomainId,
+    pub joules: f64,
+    /// In the last interval.
+    pub interval_joules: f64,
+    pub method: EnergyMethod,
+}
+
+/// Adds one interval of per-instance energy to the running totals; an
+/// instance absent from the interval reads 0 for it (its total stays).
+pub fn add_interval(totals: &mut Vec<DeviceEnergy>, interval: &[DomainEnergy]) {
+    for device in totals.iter_mut() {
+        device.interval_joules = 0.0;
+    }
+    for energy in interval {
+        match totals.iter_mut().find(|d| d.id == energy.id) {
+            Some(device) => {
+                device.joules += energy.joules;
+                device.interval_joules = energy.joules;
+                device.method = energy.method;
+            }
+            None => totals.push(DeviceEnergy {
+                id: energy.id,
+                joules: energy.joules,
+                interval_joules: energy.joules,
+                method: energy.method,
+            }),
+        }
+    }
+    totals.sort_by_key(|d| d.id);
 }
 
 #[derive(Debug, Error)]
@@ -132,12 +166,32 @@ pub enum EnergyError {
     Other(String),
 }
 
+/// Whether a source works.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceState {
+    Ok,
+    /// Off by configuration, or absent on this machine.
+    Disabled,
+    /// Configured or present, but its reads fail.
+    Failing,
+}
+
+impl SourceState {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SourceState::Ok => "ok",
+            SourceState::Disabled => "disabled",
+            SourceState::Failing => "failing",
+        }
+    }
+}
+
 /// State of one source, as `/api/v1/node` and `/healthz` show it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceHealth {
     pub name: String,
-    /// `ok`, `disabled` or `failing`.
-    pub status: &'static str,
+    pub status: SourceState,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
@@ -146,7 +200,7 @@ impl SourceHealth {
     pub fn ok(name: impl Into<String>) -> Self {
         Self {
             name: name.into(),
-            status: "ok",
+            status: SourceState::Ok,
             reason: None,
         }
     }
@@ -154,7 +208,7 @@ impl SourceHealth {
     pub fn disabled(name: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
             name: name.into(),
-            status: "disabled",
+            status: SourceState::Disabled,
             reason: Some(reason.into()),
         }
     }
@@ -162,7 +216,7 @@ impl SourceHealth {
     pub fn failing(name: impl Into<String>, reason: impl Into<String>) -> Self {
         Self {
             name: name.into(),
-            status: "failing",
+            status: SourceState::Failing,
             reason: Some(reason.into()),
         }
     }

@@ -7,7 +7,7 @@
 //! exponential forgetting, as SmartWatts does with its own features), and
 //! its error is exported; the meter's figures are the ones reported.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Domain, DomainEnergy, DomainId, EnergyMethod};
 
@@ -95,7 +95,7 @@ impl OnlineRegression {
 }
 
 /// How good the fitted model is against the meter, per socket.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ModelFit {
     pub socket: u32,
     pub idle_watts: f64,

@@ -310,7 +310,7 @@ pub(crate) mod tests {
             message.contains("intel-rapl:0/energy_uj") && message.contains("banana"),
             "{message}"
         );
-        assert_eq!(rapl.health().status, "failing");
+        assert_eq!(rapl.health().status, crate::energy::SourceState::Failing);
     }
 
     #[test]

@@ -5,11 +5,11 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{EnergyError, read_u64};
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Temperature {
     /// hwmon chip name (`coretemp`, `k10temp`, `amdgpu`) or thermal zone type.
     pub sensor: String,
