@@ -13,6 +13,34 @@ use std::{
 
 use serde_json::Value;
 
+pub mod otlp;
+
+/// Whether the test can run: it loads kernel programs and creates cgroups.
+pub fn require_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping: needs root to load kernel programs and create cgroups");
+        return false;
+    }
+    true
+}
+
+/// A cgroup laid out as the kubelet (systemd driver) and containerd lay out
+/// a Burstable pod's container.
+pub fn kubernetes_cgroup(container_id: &str, pod_uid: &str) -> TestCgroup {
+    TestCgroup::create(&format!(
+        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{container_id}.scope",
+        pod_uid.replace('-', "_")
+    ))
+}
+
+/// A port free on loopback now (the OS may hand it out again later, which
+/// the tests accept: they bind it within milliseconds).
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("free port");
+    listener.local_addr().expect("addr").port()
+}
+
 /// The cgroup v2 mount of this machine (pure v2 or hybrid).
 pub fn v2_root() -> PathBuf {
     powerlens::cgroup::detect_v2_root(Path::new("/proc")).expect("a cgroup v2 hierarchy is mounted")
@@ -232,11 +260,12 @@ impl Agent {
 
     /// Starts the agent and waits for its first snapshot.
     pub fn start_with_interval(interval: &str, extra_args: &[&str]) -> Self {
-        let port = {
-            let listener = TcpListener::bind("127.0.0.1:0").expect("free port");
-            listener.local_addr().expect("addr").port()
-        };
-        let listen = format!("127.0.0.1:{port}");
+        Self::start_with_env(interval, extra_args, &[])
+    }
+
+    /// Starts the agent with extra environment variables.
+    pub fn start_with_env(interval: &str, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
+        let listen = format!("127.0.0.1:{}", free_port());
         let child = Command::new(sibling_binary("powerlens"))
             .args([
                 "run",
@@ -251,6 +280,7 @@ impl Agent {
                 "RUST_LOG",
                 std::env::var("POWERLENS_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -310,6 +340,15 @@ impl Agent {
             .map_err(|e| e.to_string())?;
         let value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
         Ok((status, value))
+    }
+
+    /// GET `path` as text (e.g. `/metrics`).
+    pub fn get_text(&self, path: &str) -> String {
+        self.http
+            .get(&format!("{}{path}", self.base_url))
+            .call()
+            .and_then(|mut r| r.body_mut().read_to_string())
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 
     /// GET `path`, returning the status and the JSON body.

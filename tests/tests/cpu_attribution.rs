@@ -5,19 +5,10 @@
 use std::time::Duration;
 
 use integration_tests::{
-    Agent, TestCgroup, process_schedstat_ns, random_hex, random_uuid, relative_error, schedstat_ns,
-    spawn_in, workload_binary,
+    Agent, TestCgroup, kubernetes_cgroup, process_schedstat_ns, random_hex, random_uuid,
+    relative_error, require_root, schedstat_ns, spawn_in, workload_binary,
 };
 use serde_json::Value;
-
-fn require_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipping: needs root to load kernel programs and create cgroups");
-        return false;
-    }
-    true
-}
 
 fn find_process(list: &Value, pid: u32) -> &Value {
     list.as_array()
@@ -25,13 +16,6 @@ fn find_process(list: &Value, pid: u32) -> &Value {
         .iter()
         .find(|p| p["pid"].as_u64() == Some(u64::from(pid)))
         .unwrap_or_else(|| panic!("pid {pid} not in {list}"))
-}
-
-fn kubernetes_cgroup(container_id: &str, pod_uid: &str) -> TestCgroup {
-    TestCgroup::create(&format!(
-        "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{container_id}.scope",
-        pod_uid.replace('-', "_")
-    ))
 }
 
 #[test]

@@ -11,17 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use integration_tests::{Agent, TestCgroup, random_hex, sibling_binary, spawn_in, workload_binary};
+use integration_tests::{
+    Agent, TestCgroup, random_hex, require_root, sibling_binary, spawn_in, workload_binary,
+};
 use serde_json::Value;
-
-fn require_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipping: needs root to load kernel programs and create cgroups");
-        return false;
-    }
-    true
-}
 
 /// Replaces a sysfs-like file atomically, so the agent never reads half of it.
 fn write_atomic(path: &Path, content: &str) {

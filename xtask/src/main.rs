@@ -45,6 +45,8 @@ enum Task {
 const LLVM_MAJOR: u32 = 22;
 const BPF_LINKER_VERSION: &str = "0.13";
 const APT_PACKAGES: [&str; 3] = ["llvm-22-dev", "libpolly-22-dev", "libzstd-dev"];
+/// Real peers for the export tests: the Prometheus server and promtool.
+const TEST_PEER_PACKAGES: [&str; 1] = ["prometheus"];
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -270,6 +272,30 @@ fn setup() -> anyhow::Result<()> {
             bail!(
                 "LLVM {LLVM_MAJOR} development files are missing. Install them with:\n  sudo apt-get update && sudo apt-get install -y {}",
                 APT_PACKAGES.join(" ")
+            );
+        }
+    }
+
+    // 1b. Peers the tests run against (Debian's prometheus: server + promtool).
+    let peers_present =
+        Path::new("/usr/bin/prometheus").exists() && Path::new("/usr/bin/promtool").exists();
+    if !peers_present {
+        if is_root() && Path::new("/usr/bin/apt-get").exists() {
+            if llvm_present {
+                run_step("refreshing package lists", "apt-get", &["update"], None)?;
+            }
+            let mut args = vec!["install", "-y", "--no-install-recommends"];
+            args.extend(TEST_PEER_PACKAGES);
+            run_step(
+                "installing the test peers (prometheus, promtool)",
+                "apt-get",
+                &args,
+                None,
+            )?;
+        } else {
+            bail!(
+                "the export tests need Debian's prometheus package. Install it with:\n  sudo apt-get update && sudo apt-get install -y {}",
+                TEST_PEER_PACKAGES.join(" ")
             );
         }
     }
