@@ -247,26 +247,6 @@ impl Snapshot {
             .iter()
             .filter(|w| matches!(*w.workload, Workload::Container { .. }))
     }
-
-    /// A container by full id, or by a unique prefix of at least 12
-    /// characters (the short form `docker ps` and `crictl ps` print).
-    pub fn container(&self, id: &str) -> Option<&WorkloadView> {
-        let mut found = None;
-        for view in self.containers() {
-            if let Workload::Container { id: full, .. } = &*view.workload {
-                if full == id {
-                    return Some(view);
-                }
-                if id.len() >= 12 && full.starts_with(id) {
-                    if found.is_some() {
-                        return None; // ambiguous
-                    }
-                    found = Some(view);
-                }
-            }
-        }
-        found
-    }
 }
 
 /// What the collector adds to a snapshot beyond the accounting.

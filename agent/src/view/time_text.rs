@@ -12,10 +12,13 @@ pub fn serialize<S: Serializer>(at: &SystemTime, serializer: S) -> Result<S::Ok,
     serializer.serialize_str(&text(*at))
 }
 
+fn parse<E: serde::de::Error>(raw: &str) -> Result<SystemTime, E> {
+    humantime::parse_rfc3339(raw)
+        .map_err(|e| E::custom(format!("{raw:?} is not an RFC 3339 time: {e}")))
+}
+
 pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<SystemTime, D::Error> {
-    let raw = String::deserialize(deserializer)?;
-    humantime::parse_rfc3339(&raw)
-        .map_err(|e| serde::de::Error::custom(format!("{raw:?} is not an RFC 3339 time: {e}")))
+    parse(&String::deserialize(deserializer)?)
 }
 
 pub mod optional {
@@ -34,12 +37,8 @@ pub mod optional {
     pub fn deserialize<'de, D: Deserializer<'de>>(
         deserializer: D,
     ) -> Result<Option<SystemTime>, D::Error> {
-        let raw = Option::<String>::deserialize(deserializer)?;
-        raw.map(|raw| {
-            humantime::parse_rfc3339(&raw).map_err(|e| {
-                serde::de::Error::custom(format!("{raw:?} is not an RFC 3339 time: {e}"))
-            })
-        })
-        .transpose()
+        Option::<String>::deserialize(deserializer)?
+            .map(|raw| super::parse(&raw))
+            .transpose()
     }
 }
