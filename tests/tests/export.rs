@@ -41,6 +41,13 @@ fn container_points<'a>(points: &'a [Point], metric: &str, id: &str) -> Vec<&'a 
         .collect()
 }
 
+fn unix_nanos_now() -> u64 {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970");
+    u64::try_from(since_epoch.as_nanos()).expect("fits until 2554")
+}
+
 fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !ready() {
@@ -72,6 +79,7 @@ fn otlp_grpc_carries_container_energy_and_catches_up_after_the_receiver_was_down
     let health = agent.get("/healthz").1;
     assert_eq!(health["exports"]["otlp_enabled"], true, "{health}");
     let energy_while_down = container_energy(&agent, &container_id);
+    let read_at_unix_nano = unix_nanos_now();
     assert!(energy_while_down > 0.0, "the burner drew energy: {health}");
     println!(
         "receiver down: {} failed exports, container at {energy_while_down:.3} J",
@@ -79,7 +87,10 @@ fn otlp_grpc_carries_container_energy_and_catches_up_after_the_receiver_was_down
     );
 
     // 2. The receiver comes up on the same port: data arrives, and the
-    // first value already holds the energy of the time it was down.
+    // first value collected after the API read already holds the energy of
+    // the time it was down. (An export collected during the outage may still
+    // be delivered first, late, by the gRPC client's retry: it carries the
+    // older, smaller figure with its older timestamp.)
     let receiver = Receiver::start(Transport::Grpc, SocketAddr::from(([127, 0, 0, 1], port)));
     wait_for(
         "container energy over OTLP",
@@ -90,16 +101,30 @@ fn otlp_grpc_carries_container_energy_and_catches_up_after_the_receiver_was_down
                 "powerlens.container.energy",
                 &container_id,
             )
-            .len()
+            .iter()
+            .filter(|point| point.time_unix_nano >= read_at_unix_nano)
+            .count()
                 >= 3
         },
     );
     let points = receiver.points();
-    let energy = container_points(&points, "powerlens.container.energy", &container_id);
-    let first = energy[0];
+    let mut energy = container_points(&points, "powerlens.container.energy", &container_id);
+    energy.sort_by_key(|point| point.time_unix_nano);
+    assert!(
+        energy.windows(2).all(|pair| pair[0].value <= pair[1].value),
+        "a cumulative counter never goes down across the outage"
+    );
+    let first = energy
+        .iter()
+        .find(|point| point.time_unix_nano >= read_at_unix_nano)
+        .expect("waited for points collected after the read");
     println!(
-        "first OTLP value {:.3} J (API said {energy_while_down:.3} J while the receiver was down)",
-        first.value
+        "first OTLP value collected after the outage read {:.3} J (API said {energy_while_down:.3} J while the receiver was down; {} earlier point(s) delivered late)",
+        first.value,
+        energy
+            .iter()
+            .filter(|point| point.time_unix_nano < read_at_unix_nano)
+            .count()
     );
     assert!(
         first.value >= energy_while_down,
