@@ -40,6 +40,8 @@ pub mod names {
     pub const GLOBAL_OFFSETS: &str = "OFFSETS";
     pub const GLOBAL_CPU_TO_SOCKET: &str = "CPU_TO_SOCKET";
     pub const GLOBAL_SOCKETS: &str = "SOCKETS";
+    pub const GLOBAL_AGENT_START_BOOTTIME_NS: &str = "AGENT_START_BOOTTIME_NS";
+    pub const GLOBAL_WEAKLY_ORDERED: &str = "WEAKLY_ORDERED";
 }
 
 /// Byte offsets inside kernel structures, read from the running kernel's BTF
@@ -68,7 +70,19 @@ pub struct KernelOffsets {
     pub cgroup_kn: u32,
     /// `kernfs_node.id`: the cgroup id, also the cgroup directory's inode number.
     pub kernfs_node_id: u32,
-    pub _reserved: u32,
+    /// `task_struct.__state` (an `unsigned int` since 5.14) or, before,
+    /// `task_struct.state` (a `long`): read at a switch for `TASK_DEAD`, so
+    /// the programs do not need `sched_switch`'s `prev_state` argument,
+    /// which only exists from 5.18.
+    pub task_state: u32,
+    /// 4 for `__state`, 8 for the older `long state`.
+    pub task_state_size: u32,
+    /// `task_struct.nvcsw` and `nivcsw`: the thread's voluntary and
+    /// involuntary switch counts, bumped before `sched_switch` fires. The
+    /// reader compares their sum before and after reading a thread, to see
+    /// whether a switch-out ran while it read.
+    pub task_nvcsw: u32,
+    pub task_nivcsw: u32,
 }
 
 /// Run time of one thread on one socket.
@@ -105,6 +119,9 @@ pub struct TaskRuntime {
     /// Reads that reported something for this thread.
     pub reports: u32,
     pub _pad: u32,
+    /// Target of the reader's fully ordered atomic operations on weakly
+    /// ordered CPUs (arm64): they order its loads, nothing reads the value.
+    pub reader_fence: u64,
 }
 
 /// One record written by the task iterator per thread that ran since the last
@@ -156,9 +173,14 @@ pub struct ExitedValue {
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LossCounter {
-    /// `bpf_task_storage_get` could not create the per-thread entry.
+    /// `bpf_task_storage_get` could not create a thread's entry (out of
+    /// memory, or the CPU was inside another task-storage call). Not a loss
+    /// by itself: the thread's `sum_exec_runtime` keeps counting, and the
+    /// next switch or read that gets the entry charges the time.
     TaskStorageFull = 0,
-    /// Run time (ns) of slices dropped because of `TaskStorageFull`.
+    /// Run time (ns) lost because a thread ended without ever getting an
+    /// entry while it had run before the agent started (a thread born
+    /// after the start is charged whole, so it loses nothing).
     TaskStorageFullNs = 1,
     /// An exited thread's run time did not fit in the exited map.
     ExitedMapFull = 2,
@@ -169,10 +191,18 @@ pub enum LossCounter {
     /// A CPU whose socket is at or past `MAX_SOCKETS` ran a slice (not a
     /// loss of time: it is charged to the last socket slot).
     SocketOverflow = 5,
+    /// A task iterator record did not fit the kernel's buffer: its claim was
+    /// undone and the kernel runs the program for that thread again on the
+    /// next `read()` (not a loss; the agent reads in whole-record chunks
+    /// that make this rare).
+    IteratorRecordRewound = 6,
+    /// Run time (ns) of such a record whose claim could not be undone
+    /// because the thread's last switch moved the mark in between.
+    IteratorRecordLostNs = 7,
 }
 
 impl LossCounter {
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 8;
     pub const ALL: [LossCounter; Self::COUNT as usize] = [
         LossCounter::TaskStorageFull,
         LossCounter::TaskStorageFullNs,
@@ -180,6 +210,8 @@ impl LossCounter {
         LossCounter::ExitedMapFullNs,
         LossCounter::KernelReadFailed,
         LossCounter::SocketOverflow,
+        LossCounter::IteratorRecordRewound,
+        LossCounter::IteratorRecordLostNs,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -190,6 +222,8 @@ impl LossCounter {
             LossCounter::ExitedMapFullNs => "exited_map_full_ns",
             LossCounter::KernelReadFailed => "kernel_read_failed",
             LossCounter::SocketOverflow => "socket_overflow",
+            LossCounter::IteratorRecordRewound => "iterator_record_rewound",
+            LossCounter::IteratorRecordLostNs => "iterator_record_lost_ns",
         }
     }
 }

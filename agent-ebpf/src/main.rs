@@ -16,6 +16,21 @@
 //! * A thread's last switch (`TASK_DEAD`) moves what was never reported into
 //!   the `EXITED` hash map, so short-lived processes are never lost.
 //!
+//! Kernel floor: 5.12 (task storage for tracing programs arrived in 5.11,
+//! atomic compare-and-exchange in 5.12). Nothing else is newer: the task
+//! state is read through a BTF offset rather than `sched_switch`'s
+//! `prev_state` argument (5.18).
+//!
+//! Memory ordering. The switch path writes a thread's `last_runtime_ns`,
+//! then its cumulative figure; the reader, on another CPU, loads them in the
+//! opposite order, so a half-done update can only look like less run time,
+//! never more. x86 keeps stores and loads in program order; on weakly
+//! ordered CPUs (arm64) `WEAKLY_ORDERED` makes the cumulative update a fully
+//! ordered atomic (release for the store before it) and puts fully ordered
+//! atomics between the reader's loads (acquire), which the JITs turn into
+//! `ldaddal` / `dmb ish`. On x86 the flag is a constant false and the
+//! verifier removes those branches.
+//!
 //! Offsets into kernel structures come from the running kernel's BTF, read
 //! by the agent and set as read-only globals before the programs load.
 #![no_std]
@@ -28,7 +43,10 @@
 
 use core::{
     ffi::c_void,
-    intrinsics::{self, AtomicOrdering::Relaxed},
+    intrinsics::{
+        self,
+        AtomicOrdering::{Relaxed, SeqCst},
+    },
     mem::{MaybeUninit, size_of},
     ptr,
 };
@@ -66,8 +84,20 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     css_set_dfl_cgrp: 0,
     cgroup_kn: 0,
     kernfs_node_id: 0,
-    _reserved: 0,
+    task_state: 0,
+    task_state_size: 4,
+    task_nvcsw: 0,
+    task_nivcsw: 0,
 };
+
+/// CLOCK_BOOTTIME when the agent loaded the programs: a thread that started
+/// later has run only while they were attached.
+#[unsafe(no_mangle)]
+static AGENT_START_BOOTTIME_NS: u64 = 0;
+
+/// 1 on CPUs that may reorder stores or loads (anything but x86).
+#[unsafe(no_mangle)]
+static WEAKLY_ORDERED: u32 = 1;
 
 /// Physical package of each CPU, from sysfs topology.
 #[unsafe(no_mangle)]
@@ -191,9 +221,29 @@ fn sockets() -> usize {
 #[inline(always)]
 fn count_loss(counter: LossCounter, amount: u64) {
     if let Some(slot) = LOSS_COUNTERS.get_ptr_mut(counter as u32) {
-        // SAFETY: per-CPU slot of this CPU; programs do not nest on a CPU
-        // for these attach points.
-        unsafe { *slot += amount };
+        // Atomic even though the slot is this CPU's: the iterator runs
+        // preemptibly, so `sched_switch` can count on the same CPU in the
+        // middle of its read-modify-write. Rare, so the cost does not matter.
+        atomic(slot).fetch_add(amount);
+    }
+}
+
+#[inline(always)]
+fn weakly_ordered() -> bool {
+    // SAFETY: a plain read of our own static.
+    unsafe { ptr::read_volatile(&raw const WEAKLY_ORDERED) != 0 }
+}
+
+/// A full memory barrier on weakly ordered CPUs, nothing on x86: a
+/// compare-and-exchange (always a fetching, fully ordered atomic in eBPF)
+/// that succeeds on a slot only the reader uses and that stays 0. eBPF has
+/// no barrier instruction; the kernel treats fetching atomics as fully
+/// ordered, and the arm64 JIT emits `casal` (LSE) or an exclusive loop
+/// followed by `dmb ish`.
+#[inline(always)]
+fn reader_fence(slot: *mut u64) {
+    if weakly_ordered() {
+        atomic(slot).compare_exchange_ordered(0, 0);
     }
 }
 
@@ -237,6 +287,15 @@ impl AtomicSlot {
         // SAFETY: see the type's comment.
         unsafe { intrinsics::atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(self.0, current, new) }.1
     }
+
+    /// `compare_exchange` that LLVM may not move other memory accesses
+    /// across either (the instruction is the same: eBPF has one
+    /// compare-and-exchange, fully ordered).
+    #[inline(always)]
+    fn compare_exchange_ordered(self, current: u64, new: u64) -> bool {
+        // SAFETY: see the type's comment.
+        unsafe { intrinsics::atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(self.0, current, new) }.1
+    }
 }
 
 /// A direct load of a field of a kernel object reached through a BTF-typed
@@ -276,21 +335,42 @@ fn process_start_ns(leader: *const u8) -> u64 {
 pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
     // TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next,
     //          unsigned int prev_state)
+    // Only `prev` (argument 1) is read: `prev_state` (argument 3) exists
+    // only from 5.18, so the state comes from the task itself.
     let prev: *mut c_void = ctx.arg(1);
-    let prev_state: u64 = ctx.arg(3);
-    on_switch_out(prev, prev_state as u32);
+    on_switch_out(prev);
     0
 }
 
+/// `prev->__state` (or the older `prev->state`): `TASK_DEAD` is set before
+/// a thread's last `schedule()`, and the low 32 bits of the older `long`
+/// hold it too.
 #[inline(always)]
-fn on_switch_out(prev: *mut c_void, prev_state: u32) {
+fn task_state(task: *const u8) -> u32 {
+    // SAFETY: a plain read of our own static.
+    if unsafe { ptr::read_volatile(&raw const OFFSETS.task_state_size) } == 8 {
+        field::<u64>(task, offset!(task_state)) as u32
+    } else {
+        field::<u32>(task, offset!(task_state))
+    }
+}
+
+#[inline(always)]
+fn on_switch_out(prev: *mut c_void) {
     let runtime: u64 = field(prev.cast(), offset!(task_sum_exec_runtime));
     // The idle threads keep no run time of their own; nothing to charge.
     if runtime == 0 {
         return;
     }
     let Some(entry) = TASK_RUNTIME.get(prev, true) else {
+        // Creating the entry failed (only creating can: a lookup of an
+        // existing entry succeeds even when the storage is busy). The time
+        // is not lost while the thread lives: `last_runtime_ns` stays
+        // behind, and the next switch or read charges from there.
         count_loss(LossCounter::TaskStorageFull, 1);
+        if task_state(prev.cast()) & TASK_DEAD != 0 {
+            exit_without_storage(prev, runtime);
+        }
         return;
     };
     // SAFETY: entry is this thread's storage, written on this path only by
@@ -307,16 +387,51 @@ fn on_switch_out(prev: *mut c_void, prev_state: u32) {
         // SAFETY: a helper without arguments (inlined by the verifier).
         let cpu = unsafe { bpf_get_smp_processor_id() };
         let socket = &mut entry.by_socket[socket_of(cpu)];
-        // SAFETY: as above.
-        unsafe { ptr::write_volatile(&raw mut socket.cumulative_ns, socket.cumulative_ns + slice) };
+        let cumulative = socket.cumulative_ns;
+        if weakly_ordered() {
+            // Fully ordered, so the store to `last_runtime_ns` above becomes
+            // visible first (see the module's comment). Only this CPU writes
+            // the figure now, so the exchange always succeeds.
+            atomic(&raw mut socket.cumulative_ns)
+                .compare_exchange_ordered(cumulative, cumulative + slice);
+        } else {
+            // SAFETY: as above.
+            unsafe { ptr::write_volatile(&raw mut socket.cumulative_ns, cumulative + slice) };
+        }
         if let Some(busy) = CPU_BUSY_NS.get_ptr_mut(0) {
             // SAFETY: this CPU's slot.
             unsafe { *busy += slice };
         }
     }
-    if prev_state & TASK_DEAD != 0 {
+    if task_state(prev.cast()) & TASK_DEAD != 0 {
         flush_exited(prev, entry);
     }
+}
+
+/// A thread ends without ever having had an entry. Born after the agent
+/// started, all its run time is new: charge it whole through `EXITED`.
+/// Born before, what it ran before the start is not ours and cannot be
+/// told apart: count it as lost.
+#[inline(never)]
+fn exit_without_storage(prev: *mut c_void, runtime: u64) {
+    let started: u64 = field(prev.cast(), offset!(task_start_boottime));
+    // SAFETY: a plain read of our own static.
+    let agent_start = unsafe { ptr::read_volatile(&raw const AGENT_START_BOOTTIME_NS) };
+    if started < agent_start {
+        count_loss(LossCounter::TaskStorageFullNs, runtime);
+        return;
+    }
+    let mut runtime_ns_by_socket = [0u64; MAX_SOCKETS];
+    // SAFETY: a helper without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    runtime_ns_by_socket[socket_of(cpu)] = runtime;
+    if let Some(busy) = CPU_BUSY_NS.get_ptr_mut(0) {
+        // Its slices were never added at switches: add them here, on the
+        // CPU it ends on (the best place known).
+        // SAFETY: this CPU's slot.
+        unsafe { *busy += runtime };
+    }
+    record_exit(prev, &runtime_ns_by_socket, runtime);
 }
 
 /// Moves the reported mark of one socket up to `total` (compare-and-swap:
@@ -354,6 +469,13 @@ fn flush_exited(prev: *mut c_void, entry: &mut TaskRuntime) {
         *out = report_up_to(&raw mut socket.reported_ns, socket.cumulative_ns);
         total += *out;
     }
+    record_exit(prev, &runtime_ns_by_socket, total);
+}
+
+/// Adds an ending thread's unreported run time to its process's `EXITED`
+/// entry (creating it), or counts it as lost when the map is full.
+#[inline(never)]
+fn record_exit(prev: *mut c_void, runtime_ns_by_socket: &[u64; MAX_SOCKETS], total: u64) {
     // Even with nothing left to report, the entry tells the agent that a
     // thread of this process ended, so it can check whether the process is
     // gone without sweeping /proc.
@@ -365,7 +487,7 @@ fn flush_exited(prev: *mut c_void, entry: &mut TaskRuntime) {
         process_start_ns: process_start_ns(leader),
     };
     if let Some(existing) = EXITED.get_ptr_mut(key) {
-        add_exited(existing, &runtime_ns_by_socket);
+        add_exited(existing, runtime_ns_by_socket);
         return;
     }
     let value = ExitedValue {
@@ -373,14 +495,14 @@ fn flush_exited(prev: *mut c_void, entry: &mut TaskRuntime) {
         // SAFETY: plain helper calls about `current`.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         comm: read_kernel(leader, offset!(task_comm)).unwrap_or([0; COMM_LEN]),
-        runtime_ns_by_socket,
+        runtime_ns_by_socket: *runtime_ns_by_socket,
     };
     if EXITED.insert(key, value, BPF_NOEXIST as u64).is_ok() {
         return;
     }
     // Another thread of the process inserted first, or the map is full.
     if let Some(existing) = EXITED.get_ptr_mut(key) {
-        add_exited(existing, &runtime_ns_by_socket);
+        add_exited(existing, runtime_ns_by_socket);
     } else {
         count_loss(LossCounter::ExitedMapFull, 1);
         count_loss(LossCounter::ExitedMapFullNs, total);
@@ -443,12 +565,24 @@ extern "C" fn dump_tasks(ctx: *mut BpfIterTask) -> i32 {
     let task_ptr: *const u8 = task.cast();
     // SAFETY: entry is a live storage value.
     let entry = unsafe { &mut *entry };
+    let fence = &raw mut entry.reader_fence;
     // The switch path may update this thread's storage concurrently, on the
     // CPU the thread leaves. It stores `last_runtime_ns` before the
     // cumulative figure; reading in the opposite order (cumulative first)
     // means a half-done update can only look like less run time than there
-    // is, never more (x86 keeps stores and loads in program order), and
-    // under-reporting is made up by the next read.
+    // is, never more, and under-reporting is made up by the next read (see
+    // the module's comment for weakly ordered CPUs).
+    //
+    // One case remains: a switch-out that completes between our loads, after
+    // which the thread runs elsewhere (another socket, or the same one):
+    // `last` from before it with `sum_exec_runtime` and `cpu` from after
+    // would put the ended slice in the "in progress" part too, and if the
+    // thread then exits, its last switch reports that slice again. The
+    // kernel bumps the thread's switch count before `sched_switch` fires, so
+    // a count that moved while we read means exactly that: then only the
+    // cumulative figures (each only ever grows) are claimed.
+    let switches_before = switch_count(task_ptr);
+    reader_fence(fence);
     let mut cumulative = [0u64; MAX_SOCKETS];
     for (out, socket) in cumulative
         .iter_mut()
@@ -458,23 +592,31 @@ extern "C" fn dump_tasks(ctx: *mut BpfIterTask) -> i32 {
         // SAFETY: an aligned 8-byte load of a live map value.
         *out = unsafe { ptr::read_volatile(&raw const socket.cumulative_ns) };
     }
+    reader_fence(fence);
     // SAFETY: as above.
     let last = unsafe { ptr::read_volatile(&raw const entry.last_runtime_ns) };
     // The slice in progress: scheduler run time not yet seen at a switch.
     // `sum_exec_runtime` of a running task is updated at every tick.
     let runtime: u64 = field(task_ptr, offset!(task_sum_exec_runtime));
+    let cpu: u32 = field(task_ptr, offset!(task_cpu));
+    reader_fence(fence);
+    let switches_after = switch_count(task_ptr);
     let mut in_progress_socket = MAX_SOCKETS;
-    if runtime > last {
+    if runtime > last && switches_before == switches_after {
         record.in_progress_ns = runtime - last;
-        record.cpu = field(task_ptr, offset!(task_cpu));
-        in_progress_socket = socket_of(record.cpu);
+        record.cpu = cpu;
+        in_progress_socket = socket_of(cpu);
     }
     let mut anything = record.in_progress_ns > 0;
-    for (index, ((socket, delta), total)) in entry
+    // What each socket's mark was moved up to, to undo the claim if the
+    // record cannot be written.
+    let mut claimed_up_to = [0u64; MAX_SOCKETS];
+    for (index, (((socket, delta), total), claimed)) in entry
         .by_socket
         .iter_mut()
         .zip(record.runtime_ns_by_socket.iter_mut())
         .zip(cumulative)
+        .zip(claimed_up_to.iter_mut())
         .take(sockets())
         .enumerate()
     {
@@ -484,6 +626,7 @@ extern "C" fn dump_tasks(ctx: *mut BpfIterTask) -> i32 {
             total
         };
         *delta = report_up_to(&raw mut socket.reported_ns, total);
+        *claimed = total;
         anything |= *delta != 0;
     }
     if !anything {
@@ -514,15 +657,57 @@ extern "C" fn dump_tasks(ctx: *mut BpfIterTask) -> i32 {
     record.comm = entry.comm;
     record.cgroup_id = entry.cgroup_id;
     // SAFETY: meta is valid for this call; the record lives on our stack.
-    unsafe {
+    let written = unsafe {
         let seq = ptr::read_volatile(&(*meta).seq);
         bpf_seq_write(
             seq.cast(),
             ptr::from_ref(&record).cast(),
             size_of::<TaskRecord>() as u32,
-        );
+        )
+    };
+    if written != 0 {
+        // The record did not fit the kernel's buffer (-EOVERFLOW): the
+        // kernel drops it and runs this program for the same thread on the
+        // next read(). Undo the claim so that run reports the slice again.
+        unclaim(entry, &record.runtime_ns_by_socket, &claimed_up_to);
     }
     0
+}
+
+/// Moves each socket's reported mark back from `claimed_up_to` by what the
+/// dropped record held. A mark that moved on since (the thread's last
+/// switch reported past it) cannot be moved back: that slice is counted as
+/// lost.
+#[inline(never)]
+fn unclaim(
+    entry: &mut TaskRuntime,
+    delta_by_socket: &[u64; MAX_SOCKETS],
+    claimed_up_to: &[u64; MAX_SOCKETS],
+) {
+    count_loss(LossCounter::IteratorRecordRewound, 1);
+    for ((socket, delta), claimed) in entry
+        .by_socket
+        .iter_mut()
+        .zip(delta_by_socket)
+        .zip(claimed_up_to)
+        .take(sockets())
+    {
+        if *delta == 0 {
+            continue;
+        }
+        let mark = atomic(&raw mut socket.reported_ns);
+        if !mark.compare_exchange(*claimed, *claimed - *delta) {
+            count_loss(LossCounter::IteratorRecordLostNs, *delta);
+        }
+    }
+}
+
+/// The thread's context switches so far (voluntary + involuntary).
+#[inline(always)]
+fn switch_count(task: *const u8) -> u64 {
+    let voluntary: u64 = field(task, offset!(task_nvcsw));
+    let involuntary: u64 = field(task, offset!(task_nivcsw));
+    voluntary.wrapping_add(involuntary)
 }
 
 /// css_set->dfl_cgrp->kn->id: the cgroup on the v2 hierarchy of the tasks

@@ -147,6 +147,9 @@ pub struct Accounting {
     /// cgroup still existing.
     existence_check_every: Duration,
     seq: u64,
+    /// Wall time of readings that came without per-CPU busy figures, added
+    /// to the node's window of the next reading that has them.
+    node_wall_pending: Duration,
 }
 
 impl Accounting {
@@ -163,6 +166,7 @@ impl Accounting {
             retention,
             existence_check_every: Duration::from_secs(5),
             seq: 0,
+            node_wall_pending: Duration::ZERO,
         }
     }
 
@@ -479,10 +483,14 @@ impl Accounting {
                 process.comm = usage.comm;
             }
             process.last_seen = now;
+            // Run time after it was marked exited means the mark was wrong
+            // (a liveness check that raced, a zombie leader whose threads
+            // still run): it is alive again, and counted live again below.
+            let revived = !is_new && process.exited_at.take().is_some();
             let alive = process.exited_at.is_none();
 
             // The live count follows the process (new, or moved cgroups).
-            if is_new || moved_from.is_some() {
+            if is_new || moved_from.is_some() || revived {
                 if let Some(old) = moved_from.and_then(|s| self.workload_slots[s].as_mut()) {
                     old.live_processes = old.live_processes.saturating_sub(1);
                 }
@@ -503,7 +511,14 @@ impl Accounting {
             }
         }
 
-        self.apply_node(&reading.busy_ns_by_cpu, wall, online_cpus);
+        if reading.busy_missing {
+            self.node_wall_pending += wall;
+            self.node.interval_busy_ns = 0;
+            self.node.interval_capacity_ns = 0;
+        } else {
+            let wall = wall + std::mem::take(&mut self.node_wall_pending);
+            self.apply_node(&reading.busy_ns_by_cpu, wall, online_cpus);
+        }
     }
 
     fn apply_node(&mut self, busy_ns_by_cpu: &[u64], wall: Duration, online_cpus: &[u32]) {
@@ -711,6 +726,55 @@ mod tests {
         );
         assert_eq!(accounting.node().idle_ns_by_cpu, vec![750_000_000, 0]);
         assert_eq!(accounting.node().interval_capacity_ns, 2_000_000_000);
+    }
+
+    #[test]
+    fn a_window_without_busy_figures_is_carried_to_the_next() {
+        let mut accounting = Accounting::new(Duration::from_secs(60));
+        let missing = CpuReading {
+            usage: vec![usage(10, 1, 300)],
+            busy_missing: true,
+            ..Default::default()
+        };
+        accounting.apply(&missing, at(0), Duration::from_secs(1), &[0], &mut resolver);
+        assert_eq!(accounting.node().idle_ns_by_cpu, vec![0; 0]);
+        assert_eq!(accounting.node().interval_capacity_ns, 0);
+        // The next deltas cover both windows (the source kept its marks).
+        let next = CpuReading {
+            busy_ns_by_cpu: vec![1_500_000_000],
+            ..Default::default()
+        };
+        accounting.apply(&next, at(1), Duration::from_secs(1), &[0], &mut resolver);
+        assert_eq!(accounting.node().busy_ns_by_cpu, vec![1_500_000_000]);
+        assert_eq!(accounting.node().idle_ns_by_cpu, vec![500_000_000]);
+        // The process's time was applied even though the node's was not.
+        let key = format!("container:{CONTAINER}");
+        assert_eq!(accounting.workload(&key).unwrap().live_processes, 1);
+    }
+
+    #[test]
+    fn a_process_that_runs_after_being_marked_exited_is_alive_again() {
+        let mut accounting = Accounting::new(Duration::from_secs(60));
+        let key = ProcessKey {
+            pid: 10,
+            start_ns: 1,
+        };
+        let exit = CpuReading {
+            usage: vec![usage(10, 1, 300)],
+            exited: vec![key],
+            ..Default::default()
+        };
+        accounting.apply(&exit, at(0), Duration::from_secs(1), &[0], &mut resolver);
+        let workload = format!("container:{CONTAINER}");
+        assert_eq!(accounting.workload(&workload).unwrap().live_processes, 0);
+        assert!(accounting.processes()[&key].exited_at.is_some());
+        let again = CpuReading {
+            usage: vec![usage(10, 1, 200)],
+            ..Default::default()
+        };
+        accounting.apply(&again, at(1), Duration::from_secs(1), &[0], &mut resolver);
+        assert_eq!(accounting.processes()[&key].exited_at, None);
+        assert_eq!(accounting.workload(&workload).unwrap().live_processes, 1);
     }
 
     fn energy(domain: Domain, index: u32, joules: f64) -> crate::energy::DomainEnergy {

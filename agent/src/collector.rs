@@ -246,8 +246,19 @@ impl Collector {
         match result {
             Ok(reading) => {
                 self.last_read = read_at;
-                self.consecutive_errors = 0;
-                self.set_status(self.source_name(), SourceState::Ok, None);
+                if reading.errors.is_empty() {
+                    self.consecutive_errors = 0;
+                    self.set_status(self.source_name(), SourceState::Ok, None);
+                } else {
+                    // Part of the read failed; what was read is applied
+                    // below. Counted and shown like a failed read, but it
+                    // does not push the source towards the fallback: it
+                    // still delivers.
+                    self.read_errors += reading.errors.len() as u64;
+                    let reason = reading.errors.join("; ");
+                    warn!(source = self.source_name(), "read partly failed: {reason}");
+                    self.set_status(self.source_name(), SourceState::Failing, Some(reason));
+                }
                 if !reading.losses.is_empty() {
                     self.losses = reading.losses.clone();
                 }

@@ -97,6 +97,11 @@ impl TestCgroup {
         std::fs::metadata(&self.path).expect("cgroup exists").ino()
     }
 
+    /// The processes in this cgroup now.
+    pub fn pids(&self) -> Vec<i32> {
+        Self::procs(&self.path)
+    }
+
     fn procs(dir: &Path) -> Vec<i32> {
         std::fs::read_to_string(dir.join("cgroup.procs"))
             .unwrap_or_default()
@@ -163,6 +168,18 @@ impl ChildGuard {
     pub fn signal(&self, signal: i32) {
         // SAFETY: plain kill syscall on our own child.
         unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// Waits for the first line the child prints (e.g. `ready ...`).
+    pub fn first_line(&mut self) -> String {
+        let stdout = self.child.stdout.as_mut().expect("piped stdout");
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while std::io::Read::read(stdout, &mut byte).expect("read stdout") == 1 && byte[0] != b'\n'
+        {
+            line.push(byte[0]);
+        }
+        String::from_utf8_lossy(&line).into_owned()
     }
 
     pub fn wait_output(mut self) -> String {

@@ -133,6 +133,95 @@ fn processes_and_containers_match_the_kernels_own_run_time() {
 }
 
 #[test]
+fn every_process_of_a_crowd_and_of_a_4000_thread_process_matches_its_schedstat() {
+    if !require_root() {
+        return;
+    }
+    // 1,000 busy processes and a process of 4,000 busy threads: every read
+    // returns ~5,000 records (~600 KB), many times the kernel's 32 KiB
+    // iterator buffer, so records land on its edge in every read. A record
+    // lost there (the issue measured up to -16.7% on one process) shows as
+    // one process off by one interval's share.
+    let agent = Agent::start(&["--method", "ebpf"]);
+    let container_id = random_hex(64);
+    let cgroup = TestCgroup::create(&format!("system.slice/docker-{container_id}.scope"));
+    let workload = workload_binary();
+    // nice 19: 5,000 busy threads must leave the agent room to read.
+    let mut crowd = spawn_in(
+        Some(&cgroup),
+        &workload,
+        &["nice", "19", "crowd", "1000", "120"],
+    );
+    assert_eq!(crowd.first_line(), "ready 1000");
+    let threads = spawn_in(
+        Some(&cgroup),
+        &workload,
+        &["nice", "19", "threads", "4000", "120"],
+    );
+    std::thread::sleep(Duration::from_secs(20));
+    let pids = cgroup.pids();
+    for pid in &pids {
+        // SAFETY: plain kill syscall on our own test processes.
+        unsafe { libc::kill(*pid, libc::SIGSTOP) };
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    agent.wait_intervals(3);
+
+    let (status, processes) = agent.get(&format!(
+        "/api/v1/processes?container={container_id}&limit=100000"
+    ));
+    assert_eq!(status, 200, "{processes}");
+    let mut worst = (0.0f64, 0u32, 0.0, 0.0);
+    let mut off = Vec::new();
+    let (mut ours_sum, mut kernel_sum) = (0.0, 0.0);
+    for pid in &pids {
+        let pid = *pid as u32;
+        let kernel = process_schedstat_ns(pid) as f64 / 1e9;
+        let ours = find_process(&processes, pid)["cpu_seconds"]
+            .as_f64()
+            .expect("cpu_seconds");
+        ours_sum += ours;
+        kernel_sum += kernel;
+        let error = relative_error(ours, kernel);
+        if error > worst.0 {
+            worst = (error, pid, ours, kernel);
+        }
+        // 1%: the issue's bar. Both figures come from the same
+        // sum_exec_runtime, so anything above rounding is a lost or
+        // doubled slice.
+        if error > 0.01 {
+            off.push(format!("pid {pid}: {ours:.6} s vs {kernel:.6} s"));
+        }
+    }
+    let (_, health) = agent.get("/healthz");
+    eprintln!(
+        "{} processes ({} threads in pid {}): worst {:.4}% (pid {}: powerlens {:.6} s, schedstat {:.6} s); sums {ours_sum:.3} s vs {kernel_sum:.3} s; losses {}",
+        pids.len(),
+        4000,
+        threads.pid(),
+        worst.0 * 100.0,
+        worst.1,
+        worst.2,
+        worst.3,
+        health["losses"]
+    );
+    assert_eq!(pids.len(), 1002, "the crowd, its parent and the threads");
+    assert!(
+        off.is_empty(),
+        "{} of {} processes off by more than 1%: {:?}",
+        off.len(),
+        pids.len(),
+        &off[..off.len().min(10)]
+    );
+    assert!(
+        kernel_sum > 20.0,
+        "two CPUs for 20 s should give the crowd > 20 s, got {kernel_sum}"
+    );
+    drop(threads);
+    drop(crowd);
+}
+
+#[test]
 fn a_thousand_short_lived_processes_are_all_counted() {
     if !require_root() {
         return;

@@ -101,6 +101,14 @@ pub struct CpuReading {
     pub losses: Vec<(&'static str, u64)>,
     /// Run-time statistics of the kernel programs (eBPF source only).
     pub programs: Vec<ProgramStats>,
+    /// Parts of the read that failed after others had succeeded. What was
+    /// read is in the reading (the kernel has already moved its marks for
+    /// it); the collector counts and shows these like a failed read.
+    pub errors: Vec<String>,
+    /// The per-CPU busy counters could not be read: `busy_ns_by_cpu` is
+    /// empty, and the node's busy and idle time for this window is added
+    /// with the next reading that has them (its busy deltas cover both).
+    pub busy_missing: bool,
 }
 
 /// A kernel program's cumulative run time and calls, as the kernel counts

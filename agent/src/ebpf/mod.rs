@@ -6,7 +6,7 @@
 
 pub mod btf;
 
-use std::{collections::HashSet, io::Read as _, path::PathBuf};
+use std::{collections::HashSet, path::PathBuf};
 
 use agent_common::{
     ExitedKey, ExitedValue, KernelOffsets, LossCounter, MAX_SOCKETS, TaskRecord,
@@ -76,6 +76,11 @@ pub fn kernel_offsets(btf: &btf::Btf) -> Result<KernelOffsets, btf::BtfError> {
     let task = |path: &[&str]| btf.member_offset("task_struct", path);
     // Since 5.16 `cpu` lives in task_struct; before, in thread_info.
     let task_cpu = task(&["cpu"]).or_else(|_| task(&["thread_info", "cpu"]))?;
+    // 5.14 renamed `volatile long state` to `unsigned int __state`.
+    let (task_state, task_state_size) = match task(&["__state"]) {
+        Ok(offset) => (offset, 4),
+        Err(_) => (task(&["state"])?, 8),
+    };
     Ok(KernelOffsets {
         task_sum_exec_runtime: task(&["se", "sum_exec_runtime"])?,
         task_pid: task(&["pid"])?,
@@ -88,7 +93,10 @@ pub fn kernel_offsets(btf: &btf::Btf) -> Result<KernelOffsets, btf::BtfError> {
         css_set_dfl_cgrp: btf.member_offset("css_set", &["dfl_cgrp"])?,
         cgroup_kn: btf.member_offset("cgroup", &["kn"])?,
         kernfs_node_id: btf.member_offset("kernfs_node", &["id"])?,
-        _reserved: 0,
+        task_state,
+        task_state_size,
+        task_nvcsw: task(&["nvcsw"])?,
+        task_nivcsw: task(&["nivcsw"])?,
     })
 }
 
@@ -155,6 +163,26 @@ pub struct EbpfCpuSource {
     clock_ticks_per_second: u64,
 }
 
+/// x86 keeps stores and loads in program order (TSO); every other CPU
+/// powerlens builds for (arm64, riscv64, ...) may reorder them, and the
+/// kernel programs then order their accesses with atomics.
+const WEAKLY_ORDERED: u32 = if cfg!(any(target_arch = "x86_64", target_arch = "x86")) {
+    0
+} else {
+    1
+};
+
+/// CLOCK_BOOTTIME now, in ns (the clock of `task_struct.start_boottime`).
+fn boottime_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer; CLOCK_BOOTTIME exists since 2.6.39.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
 /// Every this many reads, the live set is checked against `/proc` to retire
 /// processes that left no trace in `EXITED` (only when that map was full:
 /// every thread's last switch leaves an entry). Listing /proc costs ~15 ms
@@ -203,6 +231,8 @@ impl EbpfCpuSource {
             .override_global(GLOBAL_OFFSETS, &offsets, true)
             .override_global(GLOBAL_CPU_TO_SOCKET, &cpu_table, true)
             .override_global(names::GLOBAL_SOCKETS, &(topology.sockets() as u32), true)
+            .override_global(names::GLOBAL_AGENT_START_BOOTTIME_NS, &boottime_ns(), true)
+            .override_global(names::GLOBAL_WEAKLY_ORDERED, &WEAKLY_ORDERED, true)
             .load(KERNEL_OBJECT)?;
 
         // 1. Baseline: past run time of existing threads is not ours to report.
@@ -410,10 +440,14 @@ impl CpuTimeSource for EbpfCpuSource {
         let mut reading = CpuReading::default();
         let mut buffer = std::mem::take(&mut self.buffer);
         buffer.clear();
-        let result = run_iter(&mut self.ebpf, names::DUMP_TASKS, &mut buffer)
-            .map_err(|e| CpuSourceError::Iterator(e.to_string()));
+        // A read that fails part-way has already moved the kernel's marks
+        // for the records it returned: keep them, and report the error with
+        // the reading rather than instead of it.
+        if let Err(error) = run_iter(&mut self.ebpf, names::DUMP_TASKS, &mut buffer) {
+            reading.errors.push(error.to_string());
+        }
         let mut in_progress_by_cpu = vec![0u64; self.topology.possible_cpus().max(1)];
-        if result.is_ok() {
+        {
             for record in parse_records(&buffer) {
                 if record.in_progress_ns > 0
                     && let Some(slot) = in_progress_by_cpu.get_mut(record.cpu as usize)
@@ -435,23 +469,36 @@ impl CpuTimeSource for EbpfCpuSource {
             }
         }
         self.buffer = buffer;
-        result?;
 
-        self.drain_exited(&mut reading)?;
+        if let Err(error) = self.drain_exited(&mut reading) {
+            reading.errors.push(error.to_string());
+        }
         if self.reads.is_multiple_of(LIVENESS_SWEEP_EVERY) {
             self.sweep_liveness(&mut reading);
         }
 
-        let busy = self.read_busy_ns()?;
-        reading.busy_ns_by_cpu = busy_deltas(
-            &self.last_busy_ns,
-            &busy,
-            &self.last_in_progress_ns,
-            &in_progress_by_cpu,
-        );
-        self.last_busy_ns = busy;
-        self.last_in_progress_ns = in_progress_by_cpu;
-        reading.losses = self.read_losses()?;
+        match self.read_busy_ns() {
+            Ok(busy) => {
+                reading.busy_ns_by_cpu = busy_deltas(
+                    &self.last_busy_ns,
+                    &busy,
+                    &self.last_in_progress_ns,
+                    &in_progress_by_cpu,
+                );
+                self.last_busy_ns = busy;
+                self.last_in_progress_ns = in_progress_by_cpu;
+            }
+            // Both "last" figures stay as they were, so the next deltas
+            // cover this window too (the accounting carries its wall time).
+            Err(error) => {
+                reading.busy_missing = true;
+                reading.errors.push(error.to_string());
+            }
+        }
+        match self.read_losses() {
+            Ok(losses) => reading.losses = losses,
+            Err(error) => reading.errors.push(error.to_string()),
+        }
         reading.programs = self.program_stats();
         Ok(reading)
     }
@@ -503,7 +550,18 @@ fn load_iter(ebpf: &mut Ebpf, name: &'static str, btf: &Btf) -> Result<(), EbpfL
         })
 }
 
-/// Runs a loaded task iterator once, appending its output to `out`.
+/// Bytes asked of the iterator per `read()`: a whole number of records,
+/// below the kernel's seq_file buffer (`PAGE_SIZE << 3`, at least 32 KiB).
+/// `bpf_seq_read` stops filling once it holds what was asked, so with this
+/// size every record it starts fits, and the kernel never has to drop a
+/// record at the buffer's edge and run the program again for that thread
+/// (the programs undo their claim if it ever does).
+pub const ITER_READ_BYTES: usize =
+    (32 * 1024 - 1) / size_of::<TaskRecord>() * size_of::<TaskRecord>();
+
+/// Runs a loaded task iterator once, appending its output to `out`. On an
+/// error part-way, what was read before it stays in `out`: the kernel has
+/// already moved its marks for those records.
 fn run_iter(ebpf: &mut Ebpf, name: &'static str, out: &mut Vec<u8>) -> Result<(), EbpfLoadError> {
     let program = iter_program(ebpf, name)?;
     let link_id = program.attach().map_err(|source| EbpfLoadError::Program {
@@ -519,9 +577,30 @@ fn run_iter(ebpf: &mut Ebpf, name: &'static str, out: &mut Vec<u8>) -> Result<()
     let mut file = link
         .into_file()
         .map_err(|e| EbpfLoadError::Iterator(e.to_string()))?;
-    file.read_to_end(out)
-        .map_err(|e| EbpfLoadError::Iterator(format!("reading {name}: {e}")))?;
-    Ok(())
+    read_in_chunks(&mut file, out, ITER_READ_BYTES)
+        .map_err(|e| EbpfLoadError::Iterator(format!("reading {name}: {e}")))
+}
+
+/// Reads `reader` to its end, `chunk` bytes per `read()`, appending to
+/// `out`; on an error, `out` keeps what was read before it.
+pub fn read_in_chunks(
+    reader: &mut impl std::io::Read,
+    out: &mut Vec<u8>,
+    chunk: usize,
+) -> std::io::Result<()> {
+    loop {
+        let start = out.len();
+        out.resize(start + chunk, 0);
+        let result = reader.read(&mut out[start..]);
+        let read = *result.as_ref().unwrap_or(&0);
+        out.truncate(start + read);
+        match result {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
 }
 
 /// Hands memory freed after loading back to the kernel, so the resident
@@ -610,6 +689,65 @@ mod tests {
                 start_ns: 42
             }
         );
+    }
+
+    /// Hands out `chunks` one per read, then fails with `error`.
+    struct ScriptedReader {
+        chunks: Vec<Vec<u8>>,
+        asked: Vec<usize>,
+        error: Option<std::io::ErrorKind>,
+    }
+
+    impl std::io::Read for ScriptedReader {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.asked.push(buf.len());
+            if self.chunks.is_empty() {
+                return match self.error.take() {
+                    Some(kind) => Err(kind.into()),
+                    None => Ok(0),
+                };
+            }
+            let chunk = self.chunks.remove(0);
+            buf[..chunk.len()].copy_from_slice(&chunk);
+            Ok(chunk.len())
+        }
+    }
+
+    #[test]
+    fn reads_whole_records_below_the_kernel_buffer() {
+        assert_eq!(ITER_READ_BYTES % size_of::<TaskRecord>(), 0);
+        assert!(ITER_READ_BYTES < 32 * 1024);
+        assert!(ITER_READ_BYTES + size_of::<TaskRecord>() > 32 * 1024 - 1);
+        let mut reader = ScriptedReader {
+            chunks: vec![vec![1; 240], vec![2; 120]],
+            asked: Vec::new(),
+            error: None,
+        };
+        let mut out = Vec::new();
+        read_in_chunks(&mut reader, &mut out, ITER_READ_BYTES).unwrap();
+        assert_eq!(out.len(), 360);
+        assert!(reader.asked.iter().all(|asked| *asked == ITER_READ_BYTES));
+    }
+
+    #[test]
+    fn a_read_that_fails_part_way_keeps_what_came_before() {
+        let mut reader = ScriptedReader {
+            chunks: vec![vec![1; 240]],
+            asked: Vec::new(),
+            error: Some(std::io::ErrorKind::Interrupted),
+        };
+        let mut out = Vec::new();
+        // Interrupted is retried, then the end arrives.
+        read_in_chunks(&mut reader, &mut out, 1024).unwrap();
+        assert_eq!(out.len(), 240);
+        let mut reader = ScriptedReader {
+            chunks: vec![vec![7; 240]],
+            asked: Vec::new(),
+            error: Some(std::io::ErrorKind::InvalidData),
+        };
+        let mut out = Vec::new();
+        assert!(read_in_chunks(&mut reader, &mut out, 1024).is_err());
+        assert_eq!(out, vec![7; 240], "what was read before the error stays");
     }
 
     #[test]

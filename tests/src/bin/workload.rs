@@ -8,7 +8,11 @@
 //! - `short COUNT MILLIS`: forks COUNT children one after another, each
 //!   burning MILLIS of CPU then exiting; prints the children's CPU time
 //!   (getrusage RUSAGE_CHILDREN) and its own, in ns, as `children_ns=.. self_ns=..`.
+//! - `crowd COUNT SECONDS`: forks COUNT children, each busy for SECONDS
+//!   (they die with the parent); prints `ready COUNT` once all are forked.
 //! - `sleep SECONDS`: sleeps (a live process that never runs).
+//! - `nice N MODE ...`: runs MODE at nice N (children and threads inherit
+//!   it), so a crowd of busy workloads leaves the agent room to run.
 //! - `pingpong SECONDS`: two threads hand a byte back and forth over pipes
 //!   (thousands of context switches per second).
 //! - `swarm SECONDS PER_CGROUP PERIOD_MS DIR...`: forks PER_CGROUP children
@@ -70,7 +74,14 @@ fn arg<T: std::str::FromStr>(args: &[String], index: usize, what: &str) -> T {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
+    let mut args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("nice") {
+        let nice: i32 = arg(&args, 2, "nice value");
+        // SAFETY: plain syscall on ourselves.
+        let result = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+        assert_eq!(result, 0, "setpriority({nice})");
+        args.drain(1..3);
+    }
     let mode = args.get(1).map(String::as_str).unwrap_or("");
     match mode {
         "burn" => burn_for(Duration::from_secs_f64(arg(&args, 2, "seconds"))),
@@ -127,6 +138,31 @@ fn main() {
                 rusage_ns(libc::RUSAGE_SELF)
             );
         }
+        "crowd" => {
+            let count: usize = arg(&args, 2, "count");
+            let wall = Duration::from_secs_f64(arg(&args, 3, "seconds"));
+            let mut children = Vec::with_capacity(count);
+            for _ in 0..count {
+                // SAFETY: single-threaded parent; the child only burns CPU
+                // and exits.
+                let pid = unsafe { libc::fork() };
+                if pid == 0 {
+                    // SAFETY: plain syscall; the child ends with its parent.
+                    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+                    burn_for(wall);
+                    unsafe { libc::_exit(0) };
+                }
+                assert!(pid > 0, "fork failed: {}", std::io::Error::last_os_error());
+                children.push(pid);
+            }
+            println!("ready {}", children.len());
+            let _ = std::io::stdout().flush();
+            for pid in children {
+                let mut status = 0;
+                // SAFETY: waiting for our own children.
+                unsafe { libc::waitpid(pid, &mut status, 0) };
+            }
+        }
         "sleep" => std::thread::sleep(Duration::from_secs_f64(arg(&args, 2, "seconds"))),
         "pingpong" => {
             let wall = Duration::from_secs_f64(arg(&args, 2, "seconds"));
@@ -154,7 +190,9 @@ fn main() {
         }
         "swarm" => swarm(&args),
         _ => {
-            eprintln!("usage: workload burn|half|threads|short|sleep|pingpong|swarm ...");
+            eprintln!(
+                "usage: workload [nice N] burn|pinned|half|threads|short|crowd|sleep|pingpong|swarm ..."
+            );
             std::process::exit(2);
         }
     }
