@@ -24,7 +24,8 @@ use crate::{
 };
 
 pub fn router(state: MetricsState) -> Router {
-    Router::new()
+    let token = state.token.clone();
+    let router = Router::new()
         .route("/healthz", get(healthz))
         .route("/api/v1/containers", get(list_containers))
         .route("/api/v1/containers/{id}", get(get_container))
@@ -34,7 +35,8 @@ pub fn router(state: MetricsState) -> Router {
         .route("/api/v1/node", get(node))
         .route("/metrics", get(prometheus::scrape))
         .fallback(not_found)
-        .with_state(state)
+        .with_state(state);
+    crate::auth::protect(router, token)
 }
 
 /// Serves the API on `listener` until `shutdown` is cancelled.

@@ -95,6 +95,10 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Per-process series in `/metrics` and OTLP (high cardinality).
     pub export_processes: bool,
+    /// A file holding a bearer token that the API and `/metrics` then ask
+    /// for (`/healthz` stays open). `POWERLENS_API_TOKEN` gives the token
+    /// itself.
+    pub api_token_file: Option<PathBuf>,
     /// OTLP push; off unless an endpoint is configured here, by flag or by
     /// the standard OTEL_EXPORTER_OTLP_* variables.
     pub otlp: OtlpConfig,
@@ -125,6 +129,7 @@ impl Default for Config {
             model_max_watts_per_socket: 100.0,
             metrics_listen: None,
             export_processes: false,
+            api_token_file: None,
             otlp: OtlpConfig::default(),
         }
     }
@@ -203,6 +208,9 @@ pub struct Overrides {
     /// Export per-process series too (high cardinality).
     #[arg(long, env = "POWERLENS_EXPORT_PROCESSES")]
     pub export_processes: bool,
+    /// File with the bearer token the API and /metrics ask for.
+    #[arg(long, env = "POWERLENS_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
     /// OTLP endpoint (e.g. http://otel-collector:4317); beats
     /// OTEL_EXPORTER_OTLP_ENDPOINT and the file's `otlp.endpoint`.
     #[arg(long, env = "POWERLENS_OTLP_ENDPOINT")]
@@ -314,6 +322,9 @@ impl Config {
         }
         if o.export_processes {
             self.export_processes = true;
+        }
+        if let Some(v) = &o.api_token_file {
+            self.api_token_file = Some(v.clone());
         }
     }
 

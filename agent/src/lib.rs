@@ -8,6 +8,7 @@
 
 pub mod accounting;
 pub mod api;
+pub mod auth;
 pub mod cgroup;
 pub mod collector;
 pub mod config;

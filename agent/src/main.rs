@@ -6,6 +6,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use powerlens::{
     api,
+    auth::ApiToken,
     cgroup::detect_v2_root,
     collector::{Collector, energy_options, error_chain, select_source},
     config::{Config, Overrides},
@@ -77,10 +78,30 @@ fn run(overrides: &Overrides) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    let token = match (std::env::var("POWERLENS_API_TOKEN"), &config.api_token_file) {
+        (Ok(text), _) => Some(ApiToken::from_text(&text, "POWERLENS_API_TOKEN")?),
+        (Err(_), Some(path)) => Some(ApiToken::from_file(path)?),
+        (Err(_), None) => None,
+    };
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(config.listen))
         .with_context(|| format!("binding the API to `listen` = {}", config.listen))?;
-    info!("API on http://{}", config.listen);
+    info!(token = token.is_some(), "API on http://{}", config.listen);
+    let exposed = |address: std::net::SocketAddr| !address.ip().is_loopback();
+    if token.is_none() && exposed(config.listen) {
+        warn!(
+            "the API listens on {} without a token: anyone who reaches it sees every tenant's process names and cgroup paths; set api_token_file or POWERLENS_API_TOKEN, or listen on 127.0.0.1",
+            config.listen
+        );
+    }
+    if token.is_none() && config.metrics_listen.is_some_and(exposed) {
+        info!(
+            "/metrics listens on {} without a token: container ids and their energy are visible to whoever reaches it",
+            config
+                .metrics_listen
+                .map_or_else(String::new, |a| a.to_string())
+        );
+    }
 
     let (source, sources) = select_source(&config, &topology, &cgroup_root)
         .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
@@ -105,6 +126,7 @@ fn run(overrides: &Overrides) -> anyhow::Result<()> {
         options: MetricsOptions {
             processes: config.export_processes,
         },
+        token,
     };
     let server = runtime.spawn(api::serve(listener, state.clone(), shutdown.clone()));
     let metrics_server = match config.metrics_listen {

@@ -69,9 +69,116 @@ pub fn parse_v2_cgroup_line(text: &str) -> Option<&str> {
     text.lines().find_map(|line| line.strip_prefix("0::"))
 }
 
+/// A path from `/proc/<pid>/cgroup` read inside a cgroup namespace is
+/// relative to the namespace's root: a process outside it reads like
+/// `/../../kubepods/…`. Joins it to the root's real path (from the v2 root)
+/// and resolves `..`; `None` if it climbs above the real root.
+pub fn resolve_in_namespace(namespace_root: &str, path: &str) -> Option<String> {
+    let mut components: Vec<&str> = namespace_root
+        .split('/')
+        .filter(|c| !c.is_empty())
+        .collect();
+    for component in path.split('/') {
+        match component {
+            "" | "." => {}
+            ".." => {
+                components.pop()?;
+            }
+            name => components.push(name),
+        }
+    }
+    Some(format!("/{}", components.join("/")))
+}
+
+/// Whether this process runs in a PID namespace other than the initial one
+/// (`NSpid:` in its status lists one PID per level). The kernel's task
+/// iterators then see only that namespace's tasks.
+pub fn in_child_pid_namespace(procfs_root: &Path) -> std::io::Result<bool> {
+    let status = std::fs::read_to_string(procfs_root.join("self/status"))?;
+    Ok(status
+        .lines()
+        .find_map(|line| line.strip_prefix("NSpid:"))
+        .is_some_and(|pids| pids.split_whitespace().count() > 1))
+}
+
+/// The real path (from the v2 root) of the root of this process's cgroup
+/// namespace, when it has one of its own (an agent in a pod): found as the
+/// cgroup under `cgroup_root` that lists this process, minus the path this
+/// process sees for itself. `None` when the two agree (no namespace), or
+/// its cgroup cannot be found: paths are then taken as they are. (Comparing
+/// `/proc/1/ns/cgroup` would be cheaper, but reading another process's
+/// namespace links needs ptrace rights a hardened pod may not have.)
+pub fn cgroup_namespace_root(procfs_root: &Path, cgroup_root: &Path) -> Option<String> {
+    let seen_from_inside = read_v2_cgroup_path(procfs_root, std::process::id())?;
+    let real = own_real_cgroup(cgroup_root)?;
+    let depth_inside = seen_from_inside
+        .split('/')
+        .filter(|c| !c.is_empty())
+        .count();
+    let mut components: Vec<&str> = real.split('/').filter(|c| !c.is_empty()).collect();
+    components.truncate(components.len().saturating_sub(depth_inside));
+    let root = format!("/{}", components.join("/"));
+    (resolve_in_namespace(&root, &seen_from_inside).as_deref() == Some(real.as_str())
+        && real != seen_from_inside)
+        .then_some(root)
+}
+
+/// The cgroup (path from `cgroup_root`) whose `cgroup.procs` lists this
+/// process.
+fn own_real_cgroup(cgroup_root: &Path) -> Option<String> {
+    let pid = std::process::id().to_string();
+    let mut pending = vec![(cgroup_root.to_path_buf(), String::from("/"))];
+    while let Some((dir, relative)) = pending.pop() {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        if procs.lines().any(|line| line.trim() == pid) {
+            return Some(relative);
+        }
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let child = format!("{}/{name}", relative.trim_end_matches('/'));
+                pending.push((entry.path(), child));
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn namespaced_paths_resolve_against_the_namespace_root() {
+        let root = "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-podA.slice/cri-containerd-agent.scope";
+        assert_eq!(
+            resolve_in_namespace(
+                root,
+                "/../../kubepods-besteffort.slice/kubepods-besteffort-podB.slice/cri-containerd-x.scope"
+            )
+            .as_deref(),
+            Some(
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-besteffort.slice/kubepods-besteffort-podB.slice/cri-containerd-x.scope"
+            )
+        );
+        assert_eq!(resolve_in_namespace(root, "/").as_deref(), Some(root));
+        assert_eq!(
+            resolve_in_namespace(root, "/../../../../system.slice/sshd.service").as_deref(),
+            Some("/system.slice/sshd.service")
+        );
+        assert_eq!(resolve_in_namespace("/a", "/../../x"), None);
+        assert_eq!(
+            resolve_in_namespace("/", "/system.slice").as_deref(),
+            Some("/system.slice")
+        );
+    }
+
+    #[test]
+    fn this_test_runs_in_the_initial_namespaces_here() {
+        assert!(!in_child_pid_namespace(Path::new("/proc")).unwrap());
+        let root = Path::new("/sys/fs/cgroup");
+        assert_eq!(cgroup_namespace_root(Path::new("/proc"), root), None);
+    }
 
     #[test]
     fn start_times_compare_in_ticks() {

@@ -11,8 +11,16 @@ use crate::{
 
 fn short_name(view: &WorkloadView) -> String {
     match &*view.workload {
-        Workload::Container { id, runtime, pod } => {
+        Workload::Container {
+            id,
+            runtime,
+            pod,
+            owner_uid,
+        } => {
             let short = id.get(..12).unwrap_or(id);
+            if let Some(uid) = owner_uid {
+                return format!("{short} ({runtime}, uid {uid})");
+            }
             match pod {
                 Some(pod) => format!(
                     "{short} ({runtime}, pod {})",

@@ -282,8 +282,47 @@ impl Agent {
 
     /// Starts the agent with extra environment variables.
     pub fn start_with_env(interval: &str, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::launch(interval, extra_args, env, None)
+    }
+
+    /// Starts the agent in a cgroup namespace of its own (rooted at the
+    /// test's cgroup), as in a pod: `/proc/<pid>/cgroup` of every other
+    /// process then reads `/../…`.
+    pub fn start_in_cgroup_namespace(cgroup: &TestCgroup, extra_args: &[&str]) -> Self {
+        Self::launch("250ms", extra_args, &[], Some(cgroup))
+    }
+
+    fn launch(
+        interval: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+        namespace_in: Option<&TestCgroup>,
+    ) -> Self {
         let listen = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(sibling_binary("powerlens"))
+        let mut command = Command::new(sibling_binary("powerlens"));
+        let procs = namespace_in.map(|cgroup| {
+            File::options()
+                .write(true)
+                .open(cgroup.path.join("cgroup.procs"))
+                .expect("open cgroup.procs")
+        });
+        if let Some(procs) = &procs {
+            let fd = procs.as_raw_fd();
+            // SAFETY: write(2) and unshare(2) between fork and exec are
+            // async-signal-safe; the fd was opened before the fork.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::write(fd, b"0".as_ptr().cast(), 1) == 1
+                        && libc::unshare(libc::CLONE_NEWCGROUP) == 0
+                    {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let child = command
             .args([
                 "run",
                 "--no-table",
@@ -357,6 +396,19 @@ impl Agent {
             .map_err(|e| e.to_string())?;
         let value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
         Ok((status, value))
+    }
+
+    /// The status of GET `path`, with `Authorization: Bearer <token>` when
+    /// a token is given.
+    pub fn status_with_token(&self, path: &str, token: Option<&str>) -> u16 {
+        let mut request = self.http.get(&format!("{}{path}", self.base_url));
+        if let Some(token) = token {
+            request = request.header("Authorization", &format!("Bearer {token}"));
+        }
+        request
+            .call()
+            .map(|response| response.status().as_u16())
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 
     /// GET `path` as text (e.g. `/metrics`).

@@ -222,6 +222,74 @@ fn every_process_of_a_crowd_and_of_a_4000_thread_process_matches_its_schedstat()
 }
 
 #[test]
+fn a_user_who_names_a_cgroup_after_another_container_gets_no_share_of_it() {
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start(&["--method", "ebpf"]);
+    let victim_id = random_hex(64);
+    let victim = TestCgroup::create(&format!("machine.slice/libpod-{victim_id}.scope"));
+    // A subtree delegated to uid 4242 (as systemd's Delegate= or a user
+    // manager does: the directories belong to the user), in which the user
+    // names a cgroup after the victim's container id.
+    let tenant = TestCgroup::create(&format!("powerlens-test-{}.slice", random_hex(8)));
+    let chown = |path: &std::path::Path| {
+        let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: valid C string; plain syscall.
+        assert_eq!(
+            unsafe { libc::chown(path.as_ptr(), 4242, 4242) },
+            0,
+            "chown"
+        );
+    };
+    chown(&tenant.path);
+    let impostor = TestCgroup::create(&format!(
+        "{}/libpod-{victim_id}.scope",
+        tenant.relative.trim_start_matches('/')
+    ));
+    chown(&impostor.path);
+    let workload = workload_binary();
+    let real = spawn_in(Some(&victim), &workload, &["burn", "30"]);
+    let fake = spawn_in(Some(&impostor), &workload, &["burn", "30"]);
+    std::thread::sleep(Duration::from_secs(3));
+    real.signal(libc::SIGSTOP);
+    fake.signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(50));
+    agent.wait_intervals(2);
+
+    let real_kernel = schedstat_ns(real.pid()) as f64 / 1e9;
+    let fake_kernel = schedstat_ns(fake.pid()) as f64 / 1e9;
+    let (status, container) = agent.get(&format!("/api/v1/containers/{victim_id}"));
+    assert_eq!(
+        status, 200,
+        "the exact id names the runtime's container: {container}"
+    );
+    let ours = container["cpu_seconds"].as_f64().expect("cpu_seconds");
+    eprintln!(
+        "victim: powerlens {ours:.4} s, its schedstat {real_kernel:.4} s; impostor ran {fake_kernel:.4} s"
+    );
+    assert!(
+        relative_error(ours, real_kernel) < 0.02,
+        "the victim's figure holds only its own time: {ours:.4} s vs {real_kernel:.4} s (impostor {fake_kernel:.4} s)"
+    );
+    assert!(container["owner_uid"].is_null(), "{container}");
+    let (_, list) = agent.get("/api/v1/containers");
+    let impostor_entry = list
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|c| c["container_id"] == victim_id.as_str() && c["owner_uid"] == 4242)
+        .unwrap_or_else(|| panic!("the impostor is its own entry, owned by 4242: {list}"));
+    let impostor_seconds = impostor_entry["cpu_seconds"].as_f64().expect("cpu_seconds");
+    assert!(
+        relative_error(impostor_seconds, fake_kernel) < 0.02,
+        "impostor {impostor_seconds:.4} s vs {fake_kernel:.4} s"
+    );
+    drop((real, fake));
+    drop(impostor);
+}
+
+#[test]
 fn a_thousand_short_lived_processes_are_all_counted() {
     if !require_root() {
         return;
@@ -353,6 +421,77 @@ fn when_the_kernel_refuses_the_programs_procfs_sampling_still_attributes_cpu() {
     assert!(
         (ours - kernel).abs() <= 0.10 * kernel + 0.25,
         "procfs fallback {ours:.3}s vs schedstat {kernel:.3}s"
+    );
+}
+
+#[test]
+fn with_a_token_set_the_api_and_metrics_ask_for_it_and_probes_do_not() {
+    if !require_root() {
+        return;
+    }
+    let token = random_hex(32);
+    let token_file = std::env::temp_dir().join(format!("powerlens-token-{}", random_hex(8)));
+    std::fs::write(&token_file, format!("{token}\n")).expect("write token file");
+    let agent = Agent::start_with_env(
+        "250ms",
+        &["--api-token-file", token_file.to_str().expect("utf-8 path")],
+        &[],
+    );
+    let _ = std::fs::remove_file(&token_file);
+    for path in ["/api/v1/node", "/api/v1/processes", "/metrics"] {
+        assert_eq!(
+            agent.status_with_token(path, None),
+            401,
+            "{path} without a token"
+        );
+        assert_eq!(
+            agent.status_with_token(path, Some("wrong")),
+            401,
+            "{path} with a wrong token"
+        );
+        assert_eq!(agent.status_with_token(path, Some(&token)), 200, "{path}");
+    }
+    assert_eq!(
+        agent.status_with_token("/healthz", None),
+        200,
+        "probes carry no token"
+    );
+}
+
+#[test]
+fn inside_a_cgroup_namespace_procfs_sampling_still_finds_the_container() {
+    if !require_root() {
+        return;
+    }
+    // As in a pod: the agent's /proc/<pid>/cgroup views are relative to its
+    // own namespace root, `/../../system.slice/...` for everyone else.
+    let agent_cgroup = TestCgroup::create(&format!(
+        "powerlens-test-{}.slice/agent-pod.scope",
+        random_hex(8)
+    ));
+    let agent = Agent::start_in_cgroup_namespace(&agent_cgroup, &["--method", "procfs"]);
+    let container_id = random_hex(64);
+    let pod_uid = random_uuid();
+    let cgroup = kubernetes_cgroup(&container_id, &pod_uid);
+    let burner = spawn_in(Some(&cgroup), &workload_binary(), &["burn", "30"]);
+    let seen = std::fs::read_to_string(format!("/proc/{}/cgroup", agent.pid())).expect("cgroup");
+    std::thread::sleep(Duration::from_secs(2));
+    burner.signal(libc::SIGSTOP);
+    agent.wait_intervals(2);
+    let kernel = schedstat_ns(burner.pid()) as f64 / 1e9;
+    let (status, container) = agent.get(&format!("/api/v1/containers/{container_id}"));
+    assert_eq!(
+        status, 200,
+        "the container is found from inside the namespace (the agent's own view: {seen}): {container}"
+    );
+    assert_eq!(container["pod_uid"], pod_uid.as_str());
+    let ours = container["cpu_seconds"].as_f64().expect("cpu_seconds");
+    eprintln!("in a cgroup namespace: powerlens {ours:.3} s, schedstat {kernel:.3} s");
+    drop(agent);
+    // The procfs fallback's tolerance (see the test above).
+    assert!(
+        (ours - kernel).abs() <= 0.10 * kernel + 0.25,
+        "procfs in a namespace {ours:.3}s vs schedstat {kernel:.3}s"
     );
 }
 

@@ -14,7 +14,7 @@ use std::{
 
 use thiserror::Error;
 
-pub use workload::{Pod, QosClass, Runtime, Workload, parse_cgroup_path};
+pub use workload::{Pod, QosClass, Runtime, Workload, classify_cgroup, parse_cgroup_path};
 
 #[derive(Debug, Error)]
 pub enum CgroupError {
@@ -40,8 +40,14 @@ pub fn find_v2_mount(mountinfo: &str) -> Option<PathBuf> {
         let fs_type = right.split_whitespace().next();
         let mount_point = left.split_whitespace().nth(4);
         let root = left.split_whitespace().nth(3);
+        // Root `/` is the whole hierarchy. Seen from a cgroup namespace (an
+        // agent in a pod, with the host's hierarchy mounted), the same
+        // mount's root reads `/../..`: above the namespace's root, which is
+        // what powerlens needs. A bind of a sub-cgroup (`/kubepods/...`)
+        // is not the hierarchy.
+        let whole = root.is_some_and(|root| root.split('/').all(|c| c.is_empty() || c == ".."));
         if fs_type == Some("cgroup2")
-            && root == Some("/")
+            && whole
             && let Some(mount_point) = mount_point
         {
             found.push(PathBuf::from(unescape_mountinfo(mount_point)));
@@ -154,15 +160,23 @@ impl CgroupResolver {
     /// Walks the whole hierarchy and records every cgroup directory.
     pub fn rescan(&mut self) {
         self.last_scan = Some(Instant::now());
-        let mut pending = vec![(self.root.clone(), String::from("/"))];
-        while let Some((dir, relative)) = pending.pop() {
+        // (directory, path from the root, the unprivileged user that owns
+        // it or a parent: a delegated subtree, where that user names cgroups)
+        // Root, or whoever owns the root here (a user namespace may show
+        // it as another uid), is the privileged owner.
+        let root_owner = std::fs::metadata(&self.root).map_or(0, |m| m.uid());
+        let mut pending = vec![(self.root.clone(), String::from("/"), None)];
+        while let Some((dir, relative, delegated_to)) = pending.pop() {
             let Ok(metadata) = std::fs::metadata(&dir) else {
                 continue;
             };
+            let owner = metadata.uid();
+            let delegated_to =
+                delegated_to.or((owner != 0 && owner != root_owner).then_some(owner));
             self.by_id
                 .entry(metadata.ino())
                 .or_insert_with(|| CgroupInfo {
-                    workload: Arc::new(parse_cgroup_path(&relative)),
+                    workload: Arc::new(classify_cgroup(&relative, delegated_to)),
                     path: Arc::from(relative.as_str()),
                 });
             let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -179,7 +193,7 @@ impl CgroupResolver {
                     } else {
                         format!("{relative}/{name}")
                     };
-                    pending.push((entry.path(), child_relative));
+                    pending.push((entry.path(), child_relative, delegated_to));
                 }
             }
         }
@@ -230,6 +244,15 @@ mod tests {
             Some(PathBuf::from("/sys/fs/cgroup"))
         );
         assert_eq!(find_v2_mount("garbage\n\n - -"), None);
+    }
+
+    #[test]
+    fn finds_the_hierarchy_from_inside_a_cgroup_namespace() {
+        let text = "30 25 0:26 /../.. /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            find_v2_mount(text),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
     }
 
     #[test]

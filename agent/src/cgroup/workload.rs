@@ -74,6 +74,12 @@ pub enum Workload {
         id: String,
         runtime: Runtime,
         pod: Option<Pod>,
+        /// Set when the cgroup lives in a subtree delegated to an
+        /// unprivileged user (a rootless container, or anything that user
+        /// created there). Any such user can name a cgroup after another
+        /// container's id, so the id alone is then not the identity: the
+        /// owner is part of it, and such a cgroup never counts as a pod's.
+        owner_uid: Option<u32>,
     },
     /// A pod-level cgroup that is not inside any container (the pause
     /// process on some runtimes, or processes the kubelet put there).
@@ -98,6 +104,11 @@ impl Workload {
     /// A stable name for the workload, unique within a node.
     pub fn name(&self) -> String {
         match self {
+            Workload::Container {
+                id,
+                owner_uid: Some(uid),
+                ..
+            } => format!("{id}@uid{uid}"),
             Workload::Container { id, .. } => id.clone(),
             Workload::PodSandbox { pod } => format!("pod{}", pod.uid),
             Workload::SystemdUnit { name } => name.clone(),
@@ -116,7 +127,24 @@ impl Workload {
 
 /// Classifies a cgroup path. Never panics, whatever the input.
 pub fn parse_cgroup_path(path: &str) -> Workload {
+    classify_cgroup(path, None)
+}
+
+/// Classifies a cgroup path that the resolver found owned by `owner_uid`
+/// (the directory or one of its parents belongs to that unprivileged user,
+/// so the user can create and name cgroups there). A path inside a systemd
+/// user manager (`user@<uid>.service`) is delegated to that user whatever
+/// the directory's owner.
+pub fn classify_cgroup(path: &str, owner_uid: Option<u32>) -> Workload {
     let components: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+    let owner_uid = owner_uid.or_else(|| {
+        components.iter().find_map(|c| {
+            c.strip_prefix("user@")?
+                .strip_suffix(".service")?
+                .parse::<u32>()
+                .ok()
+        })
+    });
 
     // The innermost container wins: a Kubernetes node run inside Docker
     // (kind, k3d) nests `/docker/<id>/kubepods/...` and the pod's container
@@ -130,10 +158,20 @@ pub fn parse_cgroup_path(path: &str) -> Workload {
     }
 
     let pod_search_end = container.as_ref().map_or(components.len(), |(i, _, _)| *i);
-    let pod = find_pod(&components[..pod_search_end]);
+    // The kubelet's cgroups belong to root: a `kubepods` a user made in a
+    // delegated subtree names no pod.
+    let pod = match owner_uid {
+        Some(_) => None,
+        None => find_pod(&components[..pod_search_end]),
+    };
 
     if let Some((_, id, runtime)) = container {
-        return Workload::Container { id, runtime, pod };
+        return Workload::Container {
+            id,
+            runtime,
+            pod,
+            owner_uid,
+        };
     }
     if let Some(pod) = pod {
         return Workload::PodSandbox { pod };
@@ -263,7 +301,35 @@ mod tests {
                 uid: uid.to_owned(),
                 qos,
             }),
+            owner_uid: None,
         }
+    }
+
+    #[test]
+    fn a_user_cannot_pass_for_another_container_or_pod() {
+        let real = parse_cgroup_path(&format!("/machine.slice/libpod-{ID}.scope"));
+        let impostor = parse_cgroup_path(&format!(
+            "/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{ID}.scope"
+        ));
+        assert_eq!(real.name(), ID);
+        assert_eq!(impostor.name(), format!("{ID}@uid1000"));
+        assert_ne!(real, impostor);
+        // Delegated by ownership rather than by systemd's naming.
+        let owned = classify_cgroup(&format!("/kubepods/burstable/pod{UID}/{ID}"), Some(1001));
+        assert_eq!(
+            owned,
+            Workload::Container {
+                id: ID.to_owned(),
+                runtime: Runtime::Unknown,
+                pod: None,
+                owner_uid: Some(1001),
+            }
+        );
+        // Not a pod sandbox either.
+        assert_eq!(
+            classify_cgroup(&format!("/kubepods/burstable/pod{UID}"), Some(1001)).kind(),
+            "host"
+        );
     }
 
     #[test]
@@ -346,7 +412,12 @@ mod tests {
             parse_cgroup_path(&format!(
                 "/user.slice/user-1000.slice/user@1000.service/user.slice/libpod-{ID}.scope/container"
             )),
-            container(ID, Runtime::Podman, None)
+            Workload::Container {
+                id: ID.to_owned(),
+                runtime: Runtime::Podman,
+                pod: None,
+                owner_uid: Some(1000),
+            }
         );
         assert_eq!(
             parse_cgroup_path(&format!("/libpod_parent/libpod-{ID}")),
@@ -451,6 +522,7 @@ mod tests {
                 id: id.clone(),
                 runtime: Runtime::Containerd,
                 pod: Some(Pod { uid: uid.clone(), qos }),
+                owner_uid: None,
             });
         }
     }

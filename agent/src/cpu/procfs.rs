@@ -29,6 +29,9 @@ pub struct ProcfsCpuSource {
     ticks_per_second: u64,
     seen: HashMap<ProcessKey, Seen>,
     cgroup_ids: HashMap<String, u64>,
+    /// The real path of the agent's cgroup namespace root, when it has one
+    /// (inside a pod): `/proc/<pid>/cgroup` is then relative to it.
+    namespace_root: Option<String>,
     last_busy_ticks: Vec<u64>,
     first_read: bool,
 }
@@ -45,9 +48,18 @@ impl ProcfsCpuSource {
     ) -> Self {
         let procfs_root = procfs_root.into();
         let last_busy_ticks = read_busy_ticks(&procfs_root).unwrap_or_default();
+        let cgroup_root = cgroup_root.into();
+        let namespace_root = procinfo::cgroup_namespace_root(&procfs_root, &cgroup_root);
+        if let Some(root) = &namespace_root {
+            tracing::info!(
+                namespace_root = root.as_str(),
+                "in a cgroup namespace: /proc/<pid>/cgroup paths are resolved against its root"
+            );
+        }
         Self {
             procfs_root,
-            cgroup_root: cgroup_root.into(),
+            cgroup_root,
+            namespace_root,
             topology,
             ticks_per_second: procinfo::clock_ticks_per_second(),
             seen: HashMap::new(),
@@ -64,8 +76,14 @@ impl ProcfsCpuSource {
         if let Some(id) = self.cgroup_ids.get(&path) {
             return *id;
         }
-        let full = self.cgroup_root.join(path.trim_start_matches('/'));
-        let id = std::fs::metadata(full).map(|m| m.ino()).unwrap_or(0);
+        let real = match &self.namespace_root {
+            Some(root) => procinfo::resolve_in_namespace(root, &path),
+            None => Some(path.clone()),
+        };
+        let id = real.map_or(0, |real| {
+            let full = self.cgroup_root.join(real.trim_start_matches('/'));
+            std::fs::metadata(full).map(|m| m.ino()).unwrap_or(0)
+        });
         self.cgroup_ids.insert(path, id);
         id
     }

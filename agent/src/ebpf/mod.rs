@@ -69,6 +69,10 @@ pub enum EbpfLoadError {
     Map { map: &'static str, message: String },
     #[error("task iterator: {0}")]
     Iterator(String),
+    #[error(
+        "the agent runs in a PID namespace of its own: the kernel's task iterator would see only that namespace's tasks (run it with the host's PID namespace: `hostPID: true` in a pod)"
+    )]
+    ChildPidNamespace,
 }
 
 /// Reads the offsets the programs need from the kernel's BTF.
@@ -191,6 +195,12 @@ const LIVENESS_SWEEP_EVERY: u64 = 60;
 
 impl EbpfCpuSource {
     pub fn load(options: &EbpfOptions, topology: Topology) -> Result<Self, EbpfLoadError> {
+        // The iterator walks the reader's PID namespace while the switch
+        // path and `EXITED` see every task with host PIDs: in a child
+        // namespace the two would not meet.
+        if procinfo::in_child_pid_namespace(&options.procfs_root).unwrap_or(false) {
+            return Err(EbpfLoadError::ChildPidNamespace);
+        }
         raise_memlock_limit();
         // aya's EbpfLoader::new() parses the whole vmlinux BTF (~17 MiB of
         // heap) whether or not it is used; our programs carry no CO-RE

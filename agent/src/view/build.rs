@@ -86,12 +86,19 @@ fn socket_seconds(by_socket: &SocketNs, snapshot: &Snapshot) -> Vec<f64> {
 }
 
 fn container_figures(snapshot: &Snapshot, view: &WorkloadView) -> Option<ContainerFigures> {
-    let Workload::Container { id, runtime, pod } = &*view.workload else {
+    let Workload::Container {
+        id,
+        runtime,
+        pod,
+        owner_uid,
+    } = &*view.workload
+    else {
         return None;
     };
     Some(ContainerFigures {
         container_id: id.clone(),
         runtime: runtime.as_str().to_owned(),
+        owner_uid: *owner_uid,
         pod_uid: pod.as_ref().map(|p| p.uid.clone()),
         pod_qos: pod.as_ref().map(|p| p.qos.as_str().to_owned()),
         cgroup_path: view.cgroup_path.as_deref().map(str::to_owned),
@@ -364,7 +371,14 @@ impl Figures {
             .iter()
             .filter_map(|view| container_figures(snapshot, view))
             .collect();
-        containers.sort_unstable_by(|a, b| a.container_id.cmp(&b.container_id));
+        // The runtime-owned container first among those sharing an id.
+        containers.sort_unstable_by(|a, b| {
+            (&a.container_id, a.owner_uid.is_some(), a.owner_uid).cmp(&(
+                &b.container_id,
+                b.owner_uid.is_some(),
+                b.owner_uid,
+            ))
+        });
         Figures {
             sequence: snapshot.sequence,
             generated_at: snapshot.generated_at,

@@ -91,6 +91,11 @@ pub struct EnergyFigures {
 pub struct ContainerFigures {
     pub container_id: String,
     pub runtime: String,
+    /// The unprivileged user whose delegated cgroup subtree holds this
+    /// container (rootless containers, or a cgroup a user named after a
+    /// container id): absent for containers of the node's runtimes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner_uid: Option<u32>,
     pub pod_uid: Option<String>,
     pub pod_qos: Option<String>,
     pub cgroup_path: Option<String>,
@@ -319,11 +324,15 @@ impl Figures {
     /// A container by full id, or by a unique prefix of at least 12
     /// characters (the short form `docker ps` and `crictl ps` print).
     pub fn container(&self, id: &str) -> Result<&ContainerFigures, Lookup> {
-        if let Ok(index) = self
+        // An exact id names the runtime's container (sorted first) even
+        // when a user's delegated cgroup carries the same id.
+        let exact = self
             .containers
-            .binary_search_by(|c| c.container_id.as_str().cmp(id))
+            .partition_point(|c| c.container_id.as_str() < id);
+        if let Some(found) = self.containers.get(exact)
+            && found.container_id == id
         {
-            return Ok(&self.containers[index]);
+            return Ok(found);
         }
         if id.len() < 12 {
             return Err(Lookup::NotFound);

@@ -51,6 +51,7 @@ fn container(id: &str, qos: QosClass, package: f64, exited: bool) -> WorkloadVie
                 uid: POD.to_owned(),
                 qos,
             }),
+            owner_uid: None,
         },
         &format!("container:{id}"),
         3,

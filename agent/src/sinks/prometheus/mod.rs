@@ -37,6 +37,8 @@ pub struct MetricsOptions {
 pub struct MetricsState {
     pub shared: SharedSnapshot,
     pub options: MetricsOptions,
+    /// Asked of every request but `/healthz`, when set.
+    pub token: Option<crate::auth::ApiToken>,
 }
 
 impl FromRef<MetricsState> for SharedSnapshot {
@@ -49,7 +51,9 @@ impl FromRef<MetricsState> for SharedSnapshot {
 /// of a large node neither stalls the API's other requests nor the collector
 /// (which publishes without waiting on readers).
 pub async fn scrape(State(state): State<MetricsState>, headers: HeaderMap) -> Response {
-    let MetricsState { shared, options } = state;
+    let MetricsState {
+        shared, options, ..
+    } = state;
     let openmetrics = headers
         .get_all(header::ACCEPT)
         .iter()
@@ -102,10 +106,12 @@ pub async fn serve(
     state: MetricsState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let token = state.token.clone();
     let router = Router::new()
         .route("/metrics", get(scrape))
         .route("/healthz", get(crate::api::healthz))
         .with_state(state);
+    let router = crate::auth::protect(router, token);
     axum::serve(listener, router)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
