@@ -569,6 +569,12 @@ fn load_iter(ebpf: &mut Ebpf, name: &'static str, btf: &Btf) -> Result<(), EbpfL
 pub const ITER_READ_BYTES: usize =
     (32 * 1024 - 1) / size_of::<TaskRecord>() * size_of::<TaskRecord>();
 
+const _: () = {
+    assert!(ITER_READ_BYTES.is_multiple_of(size_of::<TaskRecord>()));
+    assert!(ITER_READ_BYTES < 32 * 1024);
+    assert!(ITER_READ_BYTES + size_of::<TaskRecord>() >= 32 * 1024);
+};
+
 /// Runs a loaded task iterator once, appending its output to `out`. On an
 /// error part-way, what was read before it stays in `out`: the kernel has
 /// already moved its marks for those records.
@@ -725,9 +731,6 @@ mod tests {
 
     #[test]
     fn reads_whole_records_below_the_kernel_buffer() {
-        assert_eq!(ITER_READ_BYTES % size_of::<TaskRecord>(), 0);
-        assert!(ITER_READ_BYTES < 32 * 1024);
-        assert!(ITER_READ_BYTES + size_of::<TaskRecord>() > 32 * 1024 - 1);
         let mut reader = ScriptedReader {
             chunks: vec![vec![1; 240], vec![2; 120]],
             asked: Vec::new(),
