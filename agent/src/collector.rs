@@ -8,10 +8,10 @@ use std::{
 use tracing::{info, warn};
 
 use crate::{
-    accounting::{Accounting, Resolved},
+    accounting::{Accounting, Interval, Resolved},
     cgroup::CgroupResolver,
     config::{Config, MethodChoice},
-    cpu::{CpuTimeSource, Method, ProgramStats, procfs::ProcfsCpuSource},
+    cpu::{CpuReading, CpuTimeSource, Method, ProgramStats, procfs::ProcfsCpuSource},
     ebpf::{EbpfCpuSource, EbpfLoadError, EbpfOptions},
     energy::{
         DeviceEnergy, Domain, SourceState, add_interval,
@@ -211,25 +211,6 @@ impl Collector {
         seconds
     }
 
-    fn account_energy(
-        &mut self,
-        usage: &[crate::cpu::ProcessUsage],
-        busy_ns_by_cpu: &[u64],
-        seconds: f64,
-    ) {
-        let interval = self.energy.read(seconds, busy_ns_by_cpu, &self.topology);
-        let idle_watts = &self.idle_watts;
-        let (window, percentile) = (self.idle_window_samples, self.idle_percentile);
-        let baseline_for = |domain: Domain| match idle_watts.get(domain.as_str()) {
-            Some(watts) => IdleBaseline::configured(*watts),
-            None => IdleBaseline::learned(window, percentile),
-        };
-        self.accounting
-            .apply_energy(usage, &interval, seconds, self.idle_policy, &baseline_for);
-        add_interval(&mut self.devices, &interval.energies);
-        self.last_energy = interval;
-    }
-
     pub fn method(&self) -> Method {
         self.source.method()
     }
@@ -243,7 +224,7 @@ impl Collector {
         let cpu_start = thread_cpu_us();
         let result = self.source.read();
         let cpu_read = thread_cpu_us();
-        match result {
+        let (reading, wall) = match result {
             Ok(reading) => {
                 self.last_read = read_at;
                 if reading.errors.is_empty() {
@@ -263,26 +244,9 @@ impl Collector {
                     self.losses = reading.losses.clone();
                 }
                 self.programs = reading.programs.clone();
-                self.resolver.new_round();
-                let resolver = &mut self.resolver;
-                self.accounting.apply(
-                    &reading,
-                    now,
-                    wall,
-                    self.topology.online_cpus(),
-                    &mut |cgroup_id| {
-                        let (workload, path) = resolver.workload_and_path(cgroup_id);
-                        Resolved { workload, path }
-                    },
-                );
-                let energy_seconds = self.since_energy_read();
-                self.account_energy(&reading.usage, &reading.busy_ns_by_cpu, energy_seconds);
+                (reading, wall)
             }
             Err(error) => {
-                // The meters still count: their energy goes to the node's
-                // unattributed bucket rather than being lost.
-                let energy_seconds = self.since_energy_read();
-                self.account_energy(&[], &[], energy_seconds);
                 self.read_errors += 1;
                 self.consecutive_errors += 1;
                 let reason = error_chain(&error);
@@ -291,26 +255,48 @@ impl Collector {
                 if self.source.method() == Method::Ebpf
                     && self.consecutive_errors >= FAILURES_BEFORE_FALLBACK
                 {
-                    warn!(
-                        "{FAILURES_BEFORE_FALLBACK} failed reads in a row: switching to procfs sampling"
-                    );
-                    self.source = Box::new(ProcfsCpuSource::new(
-                        &self.procfs_root,
-                        self.resolver.root(),
-                        self.topology.clone(),
-                    ));
-                    self.sources.push(SourceStatus {
-                        name: "cpu:procfs".into(),
-                        status: SourceState::Ok,
-                        reason: None,
-                    });
-                    self.consecutive_errors = 0;
-                    // Sample once now so the next interval has a baseline.
-                    let _ = self.source.read();
-                    self.last_read = Instant::now();
+                    self.fall_back_to_procfs();
                 }
+                // Nothing read: the next reading covers this window (the
+                // sources keep their marks). The meters still count: their
+                // energy goes to the node's unattributed bucket.
+                let nothing = CpuReading {
+                    busy_missing: true,
+                    ..CpuReading::default()
+                };
+                (nothing, Duration::ZERO)
             }
-        }
+        };
+        self.resolver.new_round();
+        let energy_seconds = self.since_energy_read();
+        let energy = self
+            .energy
+            .read(energy_seconds, &reading.busy_ns_by_cpu, &self.topology);
+        let idle_watts = &self.idle_watts;
+        let (window, percentile) = (self.idle_window_samples, self.idle_percentile);
+        let baseline_for = |domain: Domain| match idle_watts.get(domain.as_str()) {
+            Some(watts) => IdleBaseline::configured(*watts),
+            None => IdleBaseline::learned(window, percentile),
+        };
+        let resolver = &mut self.resolver;
+        self.accounting.apply_interval(
+            &Interval {
+                reading: &reading,
+                now,
+                wall,
+                online_cpus: self.topology.online_cpus(),
+                energy: &energy,
+                energy_seconds,
+                idle_policy: self.idle_policy,
+            },
+            &mut |cgroup_id| {
+                let (workload, path) = resolver.workload_and_path(cgroup_id);
+                Resolved { workload, path }
+            },
+            &baseline_for,
+        );
+        add_interval(&mut self.devices, &energy.energies);
+        self.last_energy = energy;
         let cpu_accounted = thread_cpu_us();
         let resolver = &self.resolver;
         self.accounting
@@ -350,6 +336,26 @@ impl Collector {
             processes = self.accounting.processes().len(),
             "interval done"
         );
+    }
+
+    /// Replaces the eBPF source by procfs sampling after repeated failures
+    /// (the totals so far are kept).
+    fn fall_back_to_procfs(&mut self) {
+        warn!("{FAILURES_BEFORE_FALLBACK} failed reads in a row: switching to procfs sampling");
+        self.source = Box::new(ProcfsCpuSource::new(
+            &self.procfs_root,
+            self.resolver.root(),
+            self.topology.clone(),
+        ));
+        self.sources.push(SourceStatus {
+            name: "cpu:procfs".into(),
+            status: SourceState::Ok,
+            reason: None,
+        });
+        self.consecutive_errors = 0;
+        // Sample once now so the next interval has a baseline.
+        let _ = self.source.read();
+        self.last_read = Instant::now();
     }
 
     fn source_name(&self) -> &'static str {

@@ -176,8 +176,11 @@ mod tests {
     #[test]
     fn this_test_runs_in_the_initial_namespaces_here() {
         assert!(!in_child_pid_namespace(Path::new("/proc")).unwrap());
-        let root = Path::new("/sys/fs/cgroup");
-        assert_eq!(cgroup_namespace_root(Path::new("/proc"), root), None);
+        let Ok(root) = crate::cgroup::detect_v2_root(Path::new("/proc")) else {
+            eprintln!("skipping: no cgroup v2 hierarchy here");
+            return;
+        };
+        assert_eq!(cgroup_namespace_root(Path::new("/proc"), &root), None);
     }
 
     #[test]

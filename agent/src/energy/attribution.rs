@@ -24,7 +24,7 @@ pub enum IdlePolicy {
 /// One domain-interval split.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Split<K> {
-    /// (workload, dynamic joules, idle joules) for each active workload.
+    /// (key, dynamic joules, idle joules) for each active key.
     pub shares: Vec<(K, f64, f64)>,
     /// Idle energy not given to workloads.
     pub idle: f64,
@@ -33,13 +33,18 @@ pub struct Split<K> {
 }
 
 /// Splits `measured` joules: `idle_joules` (clamped into 0..=measured) is
-/// the idle part; the rest, the dynamic part, goes to the workloads in
-/// proportion to their `activity` (e.g. CPU ns on the domain's socket).
-/// Negative or non-finite activities count as zero.
-pub fn split<K: Copy>(
+/// the idle part; the rest, the dynamic part, goes to the keys (processes)
+/// in proportion to their `activity` (e.g. CPU ns on the domain's socket).
+/// Each entry is `(key, group, activity)`: the group is the workload the key
+/// belongs to, which `Even` shares idle energy between (a container of 100
+/// processes is one workload), handing each group's part to its keys in
+/// proportion to their activity. Negative or non-finite activities count as
+/// zero. The one place energy is divided: the books balance by construction
+/// (property-tested below).
+pub fn split<K: Copy, G: Copy + Eq + std::hash::Hash>(
     measured: f64,
     idle_joules: f64,
-    activity: &[(K, f64)],
+    activity: &[(K, G, f64)],
     policy: IdlePolicy,
 ) -> Split<K> {
     let measured = if measured.is_finite() {
@@ -54,19 +59,28 @@ pub fn split<K: Copy>(
     };
     let dynamic = measured - idle_joules;
     let weight = |a: f64| if a.is_finite() && a > 0.0 { a } else { 0.0 };
-    let total: f64 = activity.iter().map(|(_, a)| weight(*a)).sum();
-    let active = activity.iter().filter(|(_, a)| weight(*a) > 0.0).count();
-    if total <= 0.0 || active == 0 {
+    let total: f64 = activity.iter().map(|(_, _, a)| weight(*a)).sum();
+    if total <= 0.0 {
         return Split {
             shares: Vec::new(),
             idle: idle_joules,
             unattributed: dynamic,
         };
     }
-    let mut shares = Vec::with_capacity(active);
+    // Each active group's total activity (for `Even`).
+    let mut groups: std::collections::HashMap<G, f64> = std::collections::HashMap::new();
+    if policy == IdlePolicy::Even {
+        for (_, group, a) in activity {
+            let a = weight(*a);
+            if a > 0.0 {
+                *groups.entry(*group).or_default() += a;
+            }
+        }
+    }
+    let mut shares = Vec::with_capacity(activity.len());
     let mut given_dynamic = 0.0;
     let mut given_idle = 0.0;
-    for (key, a) in activity {
+    for (key, group, a) in activity {
         let a = weight(*a);
         if a <= 0.0 {
             continue;
@@ -74,7 +88,10 @@ pub fn split<K: Copy>(
         let fraction = a / total;
         let idle_share = match policy {
             IdlePolicy::Unattributed => 0.0,
-            IdlePolicy::Even => idle_joules / active as f64,
+            IdlePolicy::Even => {
+                let group_total = groups.get(group).copied().unwrap_or(a);
+                idle_joules / groups.len() as f64 * (a / group_total)
+            }
             IdlePolicy::Proportional => idle_joules * fraction,
         };
         given_dynamic += dynamic * fraction;
@@ -82,16 +99,19 @@ pub fn split<K: Copy>(
         shares.push((*key, dynamic * fraction, idle_share));
     }
     // Rounding leaves a few ulps over or under. The largest share absorbs
-    // them (it is at least 1/n of the total, so it cannot turn negative),
-    // which keeps the sum exact and the node buckets at exactly what the
-    // policy leaves there, never a negative crumb.
+    // them (it is a sizeable part of the total, so it cannot turn
+    // negative), which keeps the sum exact and the node buckets at exactly
+    // what the policy leaves there, never a negative crumb.
     let idle_to_give = match policy {
         IdlePolicy::Unattributed => 0.0,
         IdlePolicy::Even | IdlePolicy::Proportional => idle_joules,
     };
-    if let Some(largest) = shares.iter_mut().max_by(|a, b| a.1.total_cmp(&b.1)) {
-        largest.1 += dynamic - given_dynamic;
-        largest.2 += idle_to_give - given_idle;
+    if let Some(largest) = shares
+        .iter_mut()
+        .max_by(|a, b| (a.1 + a.2).total_cmp(&(b.1 + b.2)))
+    {
+        largest.1 = (largest.1 + dynamic - given_dynamic).max(0.0);
+        largest.2 = (largest.2 + idle_to_give - given_idle).max(0.0);
     }
     Split {
         shares,
@@ -180,7 +200,7 @@ mod tests {
         let split = split(
             100.0,
             20.0,
-            &[(1u32, 3.0), (2, 1.0)],
+            &[(1u32, 1u32, 3.0), (2, 2, 1.0)],
             IdlePolicy::Unattributed,
         );
         assert_eq!(split.shares, vec![(1, 60.0, 0.0), (2, 20.0, 0.0)]);
@@ -193,7 +213,7 @@ mod tests {
         let even = split(
             100.0,
             20.0,
-            &[(1u32, 3.0), (2, 1.0), (3, 0.0)],
+            &[(1u32, 1u32, 3.0), (2, 2, 1.0), (3, 3, 0.0)],
             IdlePolicy::Even,
         );
         assert_eq!(even.shares, vec![(1, 60.0, 10.0), (2, 20.0, 10.0)]);
@@ -201,22 +221,39 @@ mod tests {
         let proportional = split(
             100.0,
             20.0,
-            &[(1u32, 3.0), (2, 1.0)],
+            &[(1u32, 1u32, 3.0), (2, 2, 1.0)],
             IdlePolicy::Proportional,
         );
         assert_eq!(proportional.shares, vec![(1, 60.0, 15.0), (2, 20.0, 5.0)]);
     }
 
     #[test]
+    fn even_shares_idle_between_workloads_not_processes() {
+        // Workload 7 has three processes, workload 8 one: each workload gets
+        // half the idle energy, shared inside by activity.
+        let even = split(
+            40.0,
+            20.0,
+            &[(1u32, 7u32, 1.0), (2, 7, 1.0), (3, 7, 2.0), (4, 8, 1.0)],
+            IdlePolicy::Even,
+        );
+        let idle_of = |key: u32| even.shares.iter().find(|s| s.0 == key).unwrap().2;
+        assert_eq!(idle_of(4), 10.0);
+        assert_eq!(idle_of(1) + idle_of(2) + idle_of(3), 10.0);
+        assert_eq!(idle_of(3), 5.0);
+        assert_eq!(even.idle, 0.0);
+    }
+
+    #[test]
     fn nothing_ran_means_unattributed() {
-        let split = split(10.0, 4.0, &[(1u32, 0.0)], IdlePolicy::Even);
+        let split = split(10.0, 4.0, &[(1u32, 1u32, 0.0)], IdlePolicy::Even);
         assert!(split.shares.is_empty());
         assert_eq!((split.idle, split.unattributed), (4.0, 6.0));
     }
 
     #[test]
     fn idle_above_measured_is_clamped() {
-        let split = split(10.0, 50.0, &[(1u32, 1.0)], IdlePolicy::Unattributed);
+        let split = split(10.0, 50.0, &[(1u32, 1u32, 1.0)], IdlePolicy::Unattributed);
         assert_eq!(split.idle, 10.0);
         assert_eq!(split.shares, vec![(1, 0.0, 0.0)]);
     }
@@ -242,20 +279,39 @@ mod tests {
         fn conservation(
             measured in 0.0f64..1e6,
             idle in -10.0f64..2e6,
-            activity in proptest::collection::vec(-1.0f64..1e9, 0..50),
+            activity in proptest::collection::vec((0u32..6, -1.0f64..1e9), 0..50),
             policy in prop_oneof![Just(IdlePolicy::Unattributed), Just(IdlePolicy::Even), Just(IdlePolicy::Proportional)],
         ) {
-            let activity: Vec<(u32, f64)> = activity.into_iter().enumerate().map(|(i, a)| (i as u32, a)).collect();
+            let activity: Vec<(u32, u32, f64)> = activity.into_iter().enumerate().map(|(i, (group, a))| (i as u32, group, a)).collect();
             let split = split(measured, idle, &activity, policy);
             prop_assert!((sum(&split) - measured).abs() <= 1e-9 * measured.max(1.0));
             prop_assert!(split.shares.iter().all(|(_, d, i)| *d >= 0.0 && *i >= 0.0));
             prop_assert!(split.idle >= -1e-9 && split.unattributed >= -1e-9);
         }
 
+        /// `Even`: every active workload gets the same idle energy.
+        #[test]
+        fn even_is_even_per_workload(
+            idle in 0.0f64..1e4,
+            activity in proptest::collection::vec((0u32..6, 1.0f64..1e9), 1..50),
+        ) {
+            let entries: Vec<(u32, u32, f64)> = activity.iter().enumerate().map(|(i, (group, a))| (i as u32, *group, *a)).collect();
+            let split = split(1e5 + idle, idle, &entries, IdlePolicy::Even);
+            let mut per_group: std::collections::BTreeMap<u32, f64> = std::collections::BTreeMap::new();
+            for (key, _, share) in &split.shares {
+                *per_group.entry(entries[*key as usize].1).or_default() += share;
+            }
+            let expected = idle / per_group.len() as f64;
+            for share in per_group.values() {
+                // The largest share absorbs rounding: a few ulps of the total.
+                prop_assert!((share - expected).abs() <= 1e-9 * idle.max(1.0));
+            }
+        }
+
         /// Shares are proportional to activity.
         #[test]
         fn proportionality(a in 1.0f64..1e9, b in 1.0f64..1e9, measured in 1.0f64..1e4) {
-            let split = split(measured, 0.0, &[(1u32, a), (2, b)], IdlePolicy::Unattributed);
+            let split = split(measured, 0.0, &[(1u32, 1u32, a), (2, 2, b)], IdlePolicy::Unattributed);
             let ratio = split.shares[0].1 / split.shares[1].1;
             prop_assert!((ratio - a / b).abs() <= 1e-9 * (a / b));
         }

@@ -1,0 +1,270 @@
+//! The books: cumulative CPU time and energy per process, per workload and
+//! for the node, built from each interval's [`CpuReading`] and
+//! [`EnergyInterval`] by [`Accounting::apply_interval`]. Pure: the cgroup
+//! lookups it needs come in as closures, so the bookkeeping is tested
+//! without a kernel.
+//!
+//! - [`cpu`]: CPU deltas into processes, workloads and per-CPU busy/idle.
+//! - [`energy`]: each domain's energy split between the active processes.
+//! - [`retention`]: exited workloads, and forgetting what is old.
+//! - [`slots`]: the workload slot allocator.
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use rustc_hash::FxHashMap;
+
+use crate::{
+    cgroup::Workload,
+    cpu::{Comm, CpuReading, ProcessKey, SocketNs},
+    energy::{
+        Domain, DomainId, EnergyMethod,
+        attribution::{IdleBaseline, IdlePolicy},
+        collector::EnergyInterval,
+    },
+};
+
+/// Everything one interval brings to the books.
+pub struct Interval<'a> {
+    /// The CPU source's reading (an empty one with `busy_missing` when the
+    /// read failed: the meters still count, and their energy stays with
+    /// the node).
+    pub reading: &'a CpuReading,
+    pub now: SystemTime,
+    /// Wall time the reading covers.
+    pub wall: Duration,
+    pub online_cpus: &'a [u32],
+    pub energy: &'a EnergyInterval,
+    /// Seconds the energy covers.
+    pub energy_seconds: f64,
+    pub idle_policy: IdlePolicy,
+}
+
+/// Joules per domain, indexed by `Domain as usize` (the order of `Domain::ALL`).
+pub type DomainJoules = [f64; Domain::ALL.len()];
+
+/// Energy charged to a process or workload: cumulative, and in the last
+/// interval that charged anything (`seq`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Energy {
+    pub joules: DomainJoules,
+    pub interval_joules: DomainJoules,
+    pub interval_seq: u64,
+}
+
+impl Energy {
+    fn charge(&mut self, domain: Domain, joules: f64, seq: u64) {
+        if self.interval_seq != seq {
+            self.interval_seq = seq;
+            self.interval_joules = [0.0; Domain::ALL.len()];
+        }
+        self.joules[domain as usize] += joules;
+        self.interval_joules[domain as usize] += joules;
+    }
+
+    /// The last interval's joules if it was interval `seq`, else zeros.
+    pub fn interval(&self, seq: u64) -> DomainJoules {
+        if self.interval_seq == seq {
+            self.interval_joules
+        } else {
+            [0.0; Domain::ALL.len()]
+        }
+    }
+}
+
+/// The node's books per domain: measured = attributed + idle + unattributed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NodeEnergy {
+    pub measured: DomainJoules,
+    pub attributed: DomainJoules,
+    pub idle: DomainJoules,
+    pub unattributed: DomainJoules,
+    pub interval_measured: DomainJoules,
+    pub interval_attributed: DomainJoules,
+    pub interval_idle: DomainJoules,
+    pub interval_unattributed: DomainJoules,
+    /// One standard deviation of the last interval's estimates.
+    pub interval_uncertainty: DomainJoules,
+    pub interval_seconds: f64,
+    pub methods: [Option<EnergyMethod>; Domain::ALL.len()],
+    /// Idle power used for each domain in the last interval (watts).
+    pub idle_watts: DomainJoules,
+}
+
+/// How a cgroup id resolves: its workload and path (`None` when the cgroup
+/// vanished before it could be looked up).
+pub struct Resolved {
+    pub workload: Arc<Workload>,
+    pub path: Option<Arc<str>>,
+}
+
+/// A stable key for a workload: `container:<id>`, `pod:<uid>`,
+/// `service:<unit>` or `host`.
+pub fn workload_key(workload: &Workload) -> String {
+    match workload {
+        Workload::Host => "host".to_owned(),
+        other => format!("{}:{}", other.kind(), other.name()),
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ProcessEntry {
+    pub comm: Comm,
+    pub cgroup_id: u64,
+    /// Slot of the process's workload in `Accounting::workload_slots`.
+    pub workload: usize,
+    pub cpu_ns_by_socket: SocketNs,
+    /// CPU time in the interval numbered `interval_seq`.
+    pub interval_ns: u64,
+    pub interval_seq: u64,
+    pub energy: Energy,
+    pub first_seen: SystemTime,
+    pub last_seen: SystemTime,
+    pub exited_at: Option<SystemTime>,
+}
+
+#[derive(Clone, Debug)]
+pub struct WorkloadEntry {
+    pub key: Arc<str>,
+    pub workload: Arc<Workload>,
+    pub cgroup_path: Option<Arc<str>>,
+    pub cgroup_ids: Vec<u64>,
+    pub cpu_ns_by_socket: SocketNs,
+    pub interval_ns: u64,
+    pub interval_seq: u64,
+    pub energy: Energy,
+    pub first_seen: SystemTime,
+    pub last_seen: SystemTime,
+    pub exited_at: Option<SystemTime>,
+    pub live_processes: u32,
+    last_existence_check: Option<SystemTime>,
+}
+
+/// Per-CPU time, cumulative since the agent started.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NodeCpu {
+    pub busy_ns_by_cpu: Vec<u64>,
+    pub idle_ns_by_cpu: Vec<u64>,
+    /// Busy time of the last interval, summed over CPUs.
+    pub interval_busy_ns: u64,
+    /// Wall time of the last interval times the number of CPUs.
+    pub interval_capacity_ns: u64,
+}
+
+pub struct Accounting {
+    processes: FxHashMap<ProcessKey, ProcessEntry>,
+    /// Workloads in stable slots, so a process refers to its workload by
+    /// index; freed slots (`None`) are reused.
+    workload_slots: Vec<Option<WorkloadEntry>>,
+    workload_index: FxHashMap<Arc<str>, usize>,
+    free_slots: Vec<usize>,
+    /// Workload slot of each cgroup id seen.
+    cgroup_slots: FxHashMap<u64, (usize, Option<Arc<str>>)>,
+    node: NodeCpu,
+    node_energy: NodeEnergy,
+    baselines: FxHashMap<DomainId, IdleBaseline>,
+    retention: Duration,
+    /// How often a workload without live processes is checked for its
+    /// cgroup still existing.
+    existence_check_every: Duration,
+    seq: u64,
+    /// Wall time of readings that came without per-CPU busy figures, added
+    /// to the node's window of the next reading that has them.
+    node_wall_pending: Duration,
+}
+
+impl Accounting {
+    pub fn new(retention: Duration) -> Self {
+        Self {
+            processes: FxHashMap::default(),
+            workload_slots: Vec::new(),
+            workload_index: FxHashMap::default(),
+            free_slots: Vec::new(),
+            cgroup_slots: FxHashMap::default(),
+            node: NodeCpu::default(),
+            node_energy: NodeEnergy::default(),
+            baselines: FxHashMap::default(),
+            retention,
+            existence_check_every: Duration::from_secs(5),
+            seq: 0,
+            node_wall_pending: Duration::ZERO,
+        }
+    }
+
+    /// The number of the interval last applied.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    pub fn processes(&self) -> &FxHashMap<ProcessKey, ProcessEntry> {
+        &self.processes
+    }
+
+    /// Workload slots; a process's `workload` indexes this.
+    pub fn workload_slots(&self) -> &[Option<WorkloadEntry>] {
+        &self.workload_slots
+    }
+
+    pub fn workloads(&self) -> impl Iterator<Item = &WorkloadEntry> {
+        self.workload_slots.iter().flatten()
+    }
+
+    pub fn cgroup_paths(&self) -> impl Iterator<Item = (u64, &Arc<str>)> {
+        self.cgroup_slots
+            .iter()
+            .filter_map(|(id, (_, path))| path.as_ref().map(|p| (*id, p)))
+    }
+
+    pub fn workload(&self, key: &str) -> Option<&WorkloadEntry> {
+        self.workload_index
+            .get(key)
+            .and_then(|slot| self.workload_slots[*slot].as_ref())
+    }
+
+    /// Applies one interval: CPU time first (it creates the processes the
+    /// energy is charged to), then energy, domain by domain.
+    pub fn apply_interval(
+        &mut self,
+        interval: &Interval<'_>,
+        resolve: &mut dyn FnMut(u64) -> Resolved,
+        baseline_for: &dyn Fn(Domain) -> IdleBaseline,
+    ) {
+        self.apply_cpu(
+            interval.reading,
+            interval.now,
+            interval.wall,
+            interval.online_cpus,
+            resolve,
+        );
+        self.apply_energy(
+            &interval.reading.usage,
+            interval.energy,
+            interval.energy_seconds,
+            interval.idle_policy,
+            baseline_for,
+        );
+    }
+
+    pub fn node(&self) -> &NodeCpu {
+        &self.node
+    }
+
+    pub fn node_energy(&self) -> &NodeEnergy {
+        &self.node_energy
+    }
+}
+
+fn add_socket_ns(sum: &mut SocketNs, add: &SocketNs) {
+    for (s, a) in sum.iter_mut().zip(add) {
+        *s += a;
+    }
+}
+
+mod cpu;
+mod energy;
+mod retention;
+mod slots;
+#[cfg(test)]
+mod tests;
