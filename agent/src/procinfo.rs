@@ -16,7 +16,9 @@ pub fn read_stat(procfs_root: &Path, pid: u32) -> Option<Stat> {
 
 /// Whether the process `pid` that started at `start_boottime_ns` (ns since
 /// boot, as the kernel programs report it) is still alive: its PID exists and
-/// was not reused by a later process. Zombies count as gone: they run no more.
+/// was not reused by a later process. A zombie is gone, unless it is a
+/// thread-group leader that exited before its other threads: the process
+/// then lives on in them.
 pub fn process_alive(
     procfs_root: &Path,
     pid: u32,
@@ -26,10 +28,18 @@ pub fn process_alive(
     let Some(stat) = read_stat(procfs_root, pid) else {
         return false;
     };
-    if stat.state == 'Z' || stat.state == 'X' {
-        return false;
+    runs_on(stat.state, stat.num_threads)
+        && same_start(stat.starttime, start_boottime_ns, ticks_per_second)
+}
+
+/// A process in `state` with `num_threads` threads (the count still holds
+/// a zombie leader until the last of its threads is gone) still runs.
+pub fn runs_on(state: char, num_threads: i64) -> bool {
+    match state {
+        'X' => false,
+        'Z' => num_threads > 1,
+        _ => true,
     }
-    same_start(stat.starttime, start_boottime_ns, ticks_per_second)
 }
 
 /// `/proc` reports start time in clock ticks, truncated: compare in ticks.
@@ -147,6 +157,14 @@ fn own_real_cgroup(cgroup_root: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_zombie_leader_with_live_threads_runs_on() {
+        assert!(runs_on('R', 1));
+        assert!(runs_on('Z', 3), "leader exited, two threads left");
+        assert!(!runs_on('Z', 1), "an ordinary zombie");
+        assert!(!runs_on('X', 1));
+    }
 
     #[test]
     fn namespaced_paths_resolve_against_the_namespace_root() {

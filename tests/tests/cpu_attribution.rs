@@ -496,6 +496,33 @@ fn inside_a_cgroup_namespace_procfs_sampling_still_finds_the_container() {
 }
 
 #[test]
+fn a_process_whose_leader_thread_exited_is_alive_while_a_thread_runs() {
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start(&["--method", "ebpf"]);
+    let container_id = random_hex(64);
+    let cgroup = TestCgroup::create(&format!("system.slice/docker-{container_id}.scope"));
+    let process = spawn_in(Some(&cgroup), &workload_binary(), &["leader-exits", "30"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", process.pid())).expect("stat");
+    // Here the leader has been a zombie for ~1 s and the thread sleeps.
+    let after_comm = stat.rsplit_once(')').expect("stat fields").1;
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    assert_eq!(fields[0], "Z", "the leader is a zombie: {stat}");
+    agent.wait_intervals(4);
+    let (_, processes) = agent.get(&format!("/api/v1/processes?container={container_id}"));
+    let entry = find_process(&processes, process.pid());
+    eprintln!(
+        "zombie leader, {} threads: exited={}, cpu {} s",
+        fields[17], entry["exited"], entry["cpu_seconds"]
+    );
+    assert_eq!(entry["exited"], false, "its thread still runs: {entry}");
+    let (_, container) = agent.get(&format!("/api/v1/containers/{container_id}"));
+    assert_eq!(container["live_processes"], 1, "{container}");
+}
+
+#[test]
 fn api_errors_are_json_with_the_right_status() {
     if !require_root() {
         return;

@@ -46,6 +46,21 @@ pub struct ProcessKey {
     pub start_ns: u64,
 }
 
+impl ProcessKey {
+    /// The key of the process `pid` started at `start_boottime_ns` (ns
+    /// since boot), at the resolution `/proc/<pid>/stat` gives (clock
+    /// ticks, truncated like the kernel's `nsec_to_clock_t`), so the eBPF
+    /// source and the procfs fallback name the same process alike and a
+    /// switch between them at run time continues its figures.
+    pub fn at_tick(pid: u32, start_boottime_ns: u64, ticks_per_second: u64) -> Self {
+        let ns_per_tick = (1_000_000_000 / ticks_per_second.max(1)).max(1);
+        Self {
+            pid,
+            start_ns: start_boottime_ns / ns_per_tick * ns_per_tick,
+        }
+    }
+}
+
 /// `task_struct.comm`, kept inline so a reading of 10,000 processes does not
 /// allocate 10,000 strings.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -146,6 +161,20 @@ pub trait CpuTimeSource: Send {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ebpf_and_procfs_name_a_process_alike() {
+        // The kernel's start_boottime in ns, and the same in USER_HZ ticks
+        // as /proc/<pid>/stat reports it (truncated).
+        let start_boottime_ns = 123_456_789_012u64;
+        let starttime_ticks = start_boottime_ns / 10_000_000;
+        let from_ebpf = ProcessKey::at_tick(42, start_boottime_ns, 100);
+        let from_procfs = ProcessKey {
+            pid: 42,
+            start_ns: crate::procinfo::ticks_to_ns(starttime_ticks, 100),
+        };
+        assert_eq!(from_ebpf, from_procfs);
+    }
 
     #[test]
     fn comm_round_trips_and_truncates() {

@@ -116,12 +116,9 @@ pub fn parse_records(bytes: &[u8]) -> impl Iterator<Item = TaskRecord> + '_ {
 
 /// Turns one record into usage (the kernel side already put the slice in
 /// progress on the socket of the CPU it runs on).
-pub fn record_usage(record: &TaskRecord) -> ProcessUsage {
+pub fn record_usage(record: &TaskRecord, ticks_per_second: u64) -> ProcessUsage {
     ProcessUsage {
-        key: ProcessKey {
-            pid: record.tgid,
-            start_ns: record.process_start_ns,
-        },
+        key: ProcessKey::at_tick(record.tgid, record.process_start_ns, ticks_per_second),
         comm: Comm(record.comm),
         cgroup_id: record.cgroup_id,
         runtime_ns_by_socket: record.runtime_ns_by_socket,
@@ -376,10 +373,8 @@ impl EbpfCpuSource {
                 *reported = (*reported).max(now);
             }
             let grew = delta.iter().any(|d| *d > 0);
-            let process = ProcessKey {
-                pid: key.tgid,
-                start_ns: key.process_start_ns,
-            };
+            let process =
+                ProcessKey::at_tick(key.tgid, key.process_start_ns, self.clock_ticks_per_second);
             if grew {
                 reading.usage.push(ProcessUsage {
                     key: process,
@@ -464,7 +459,7 @@ impl CpuTimeSource for EbpfCpuSource {
                 {
                     *slot += record.in_progress_ns;
                 }
-                let usage = record_usage(&record);
+                let usage = record_usage(&record, self.clock_ticks_per_second);
                 match self.live.insert(usage.key.pid, usage.key.start_ns) {
                     // The PID was reused: the old process is gone.
                     Some(old_start) if old_start != usage.key.start_ns => {
@@ -695,15 +690,16 @@ mod tests {
     fn records_become_usage_keyed_by_process() {
         let mut runtime = [0; MAX_SOCKETS];
         runtime[1] = 100;
-        let usage = record_usage(&record(3, runtime, 50, 2));
+        let usage = record_usage(&record(3, runtime, 50, 2), 100);
         assert_eq!(usage.runtime_ns_by_socket, runtime);
         assert_eq!(usage.comm.as_str(), "burn");
         assert_eq!(
             usage.key,
             ProcessKey {
                 pid: 3,
-                start_ns: 42
-            }
+                start_ns: 0
+            },
+            "42 ns after boot is in the first clock tick"
         );
     }
 

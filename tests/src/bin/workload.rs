@@ -10,6 +10,9 @@
 //!   (getrusage RUSAGE_CHILDREN) and its own, in ns, as `children_ns=.. self_ns=..`.
 //! - `crowd COUNT SECONDS`: forks COUNT children, each busy for SECONDS
 //!   (they die with the parent); prints `ready COUNT` once all are forked.
+//! - `leader-exits SECONDS`: starts a thread that burns 0.5 s then sleeps
+//!   SECONDS, and after 1 s ends the main thread alone (the leader becomes
+//!   a zombie; the process lives on in its thread).
 //! - `sleep SECONDS`: sleeps (a live process that never runs).
 //! - `nice N MODE ...`: runs MODE at nice N (children and threads inherit
 //!   it), so a crowd of busy workloads leaves the agent room to run.
@@ -162,6 +165,20 @@ fn main() {
                 // SAFETY: waiting for our own children.
                 unsafe { libc::waitpid(pid, &mut status, 0) };
             }
+        }
+        "leader-exits" => {
+            let wall = Duration::from_secs_f64(arg(&args, 2, "seconds"));
+            // The thread runs, then sleeps: after the leader is gone nothing
+            // of the process runs, so only a liveness check keeps it alive.
+            std::thread::spawn(move || {
+                burn_for(Duration::from_millis(500));
+                std::thread::sleep(wall);
+                std::process::exit(0);
+            });
+            std::thread::sleep(Duration::from_millis(1000));
+            // SAFETY: exit(2) ends only the calling thread; the other
+            // thread owns nothing of this one's stack.
+            unsafe { libc::syscall(libc::SYS_exit, 0) };
         }
         "sleep" => std::thread::sleep(Duration::from_secs_f64(arg(&args, 2, "seconds"))),
         "pingpong" => {
