@@ -104,10 +104,11 @@ pub fn select_source(
             ],
         )),
         MethodChoice::Ebpf | MethodChoice::Auto => {
-            let options = EbpfOptions {
-                btf_path: config.btf_path.clone(),
-                procfs_root: config.procfs_root.clone(),
-            };
+            let options = EbpfOptions::new(
+                config.btf_path.clone(),
+                config.procfs_root.clone(),
+                config.exited_map_capacity,
+            );
             match EbpfCpuSource::load(&options, topology.clone()) {
                 Ok(source) => Ok((Box::new(source), vec![ok("cpu:ebpf")])),
                 Err(error) if config.method == MethodChoice::Auto => {

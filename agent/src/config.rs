@@ -59,6 +59,11 @@ pub struct Config {
     #[serde(with = "duration_text")]
     pub retention: Duration,
     pub method: MethodChoice,
+    /// Processes whose exited threads' CPU time the kernel side can hold
+    /// between two reads. Past it, that time is counted as lost
+    /// (`exited_map_full_ns`); raise it on nodes that fork more than this
+    /// many short-lived processes per interval. ~120 bytes each.
+    pub exited_map_capacity: u32,
     /// Kernel BTF (type information) used to load the programs.
     pub btf_path: PathBuf,
     pub procfs_root: PathBuf,
@@ -111,6 +116,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 9876)),
             retention: Duration::from_secs(15 * 60),
             method: MethodChoice::Auto,
+            exited_map_capacity: agent_common::EXITED_MAP_CAPACITY,
             btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
             procfs_root: PathBuf::from("/proc"),
             sysfs_root: PathBuf::from("/sys"),
@@ -161,6 +167,9 @@ pub struct Overrides {
     #[arg(long, env = "POWERLENS_METHOD", value_enum)]
     pub method: Option<MethodChoice>,
     /// Kernel BTF file.
+    /// Exited processes the kernel side holds between two reads.
+    #[arg(long, env = "POWERLENS_EXITED_MAP_CAPACITY")]
+    pub exited_map_capacity: Option<u32>,
     #[arg(long, env = "POWERLENS_BTF_PATH")]
     pub btf_path: Option<PathBuf>,
     /// Root of procfs (for containers that mount the host's elsewhere).
@@ -272,6 +281,9 @@ impl Config {
         if let Some(v) = o.retention {
             self.retention = v;
         }
+        if let Some(v) = o.exited_map_capacity {
+            self.exited_map_capacity = v;
+        }
         if let Some(v) = o.method {
             self.method = v;
         }
@@ -348,6 +360,12 @@ impl Config {
                     humantime::format_duration(self.retention),
                     humantime::format_duration(self.interval)
                 ),
+            });
+        }
+        if !(1..=1 << 24).contains(&self.exited_map_capacity) {
+            return Err(ConfigError::Invalid {
+                field: "exited_map_capacity",
+                message: format!("{} is outside 1..=16777216", self.exited_map_capacity),
             });
         }
         for (field, path) in [

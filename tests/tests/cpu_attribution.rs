@@ -221,6 +221,128 @@ fn every_process_of_a_crowd_and_of_a_4000_thread_process_matches_its_schedstat()
     drop(crowd);
 }
 
+/// Stops every process of `cgroup`, lets the agent drain their last
+/// slices, and returns (processes off by more than 1%, the worst error).
+fn compare_every_process_with_schedstat(
+    agent: &Agent,
+    cgroup: &TestCgroup,
+    container_id: &str,
+) -> (Vec<String>, f64, usize) {
+    let pids = cgroup.pids();
+    for pid in &pids {
+        // SAFETY: plain kill syscall on our own test processes.
+        unsafe { libc::kill(*pid, libc::SIGSTOP) };
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    agent.wait_intervals(3);
+    let (status, processes) = agent.get(&format!(
+        "/api/v1/processes?container={container_id}&limit=100000"
+    ));
+    assert_eq!(status, 200, "{processes}");
+    let mut off = Vec::new();
+    let mut worst = 0.0f64;
+    for pid in &pids {
+        let pid = *pid as u32;
+        let kernel = process_schedstat_ns(pid) as f64 / 1e9;
+        let ours = find_process(&processes, pid)["cpu_seconds"]
+            .as_f64()
+            .expect("cpu_seconds");
+        let error = relative_error(ours, kernel);
+        worst = worst.max(error);
+        if error > 0.01 {
+            off.push(format!("pid {pid}: {ours:.6} s vs {kernel:.6} s"));
+        }
+    }
+    (off, worst, pids.len())
+}
+
+#[test]
+fn records_the_kernel_drops_at_its_buffer_edge_are_undone_and_reported_again() {
+    if !require_root() {
+        return;
+    }
+    // Reading 1 MiB at a time lets the kernel fill its 32 KiB buffer to the
+    // edge, where it drops a record and runs the program again for that
+    // thread: the programs' undo must make that run report the slice again.
+    let agent = Agent::start_with_env(
+        "250ms",
+        &["--method", "ebpf"],
+        &[("POWERLENS_ITERATOR_READ_BYTES", "1048576")],
+    );
+    let container_id = random_hex(64);
+    let cgroup = TestCgroup::create(&format!("system.slice/docker-{container_id}.scope"));
+    let mut crowd = spawn_in(
+        Some(&cgroup),
+        &workload_binary(),
+        &["nice", "19", "crowd", "600", "60"],
+    );
+    assert_eq!(crowd.first_line(), "ready 600");
+    std::thread::sleep(Duration::from_secs(10));
+    let (off, worst, count) = compare_every_process_with_schedstat(&agent, &cgroup, &container_id);
+    let losses = agent.get("/healthz").1["losses"].clone();
+    eprintln!(
+        "{count} processes read 1 MiB at a time: worst {:.4}%, losses {losses}",
+        worst * 100.0
+    );
+    assert!(
+        losses["iterator_record_rewound"].as_u64().unwrap_or(0) > 0,
+        "600 records (72 KB) per read must reach the 32 KiB edge: {losses}"
+    );
+    assert!(
+        off.is_empty(),
+        "{} of {count} processes off by more than 1%: {:?}",
+        off.len(),
+        &off[..off.len().min(10)]
+    );
+    drop(crowd);
+}
+
+#[test]
+fn a_full_exited_map_is_counted_and_nothing_else_is_lost() {
+    if !require_root() {
+        return;
+    }
+    // Room for 4 exited processes between reads, and 300 children that
+    // each burn 2 ms and exit, one after another.
+    let agent = Agent::start(&["--method", "ebpf", "--exited-map-capacity", "4"]);
+    let container_id = random_hex(64);
+    let cgroup = TestCgroup::create(&format!("system.slice/docker-{container_id}.scope"));
+    let parent = spawn_in(Some(&cgroup), &workload_binary(), &["short", "300", "2"]);
+    let output = parent.wait_output();
+    let field = |name: &str| -> f64 {
+        output
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in {output:?}"))
+            / 1e9
+    };
+    let children = field("children_ns");
+    let parent_self = field("self_ns");
+    agent.wait_intervals(3);
+    let (_, container) = agent.get(&format!("/api/v1/containers/{container_id}"));
+    let ours = container["cpu_seconds"].as_f64().expect("cpu_seconds");
+    let losses = agent.get("/healthz").1["losses"].clone();
+    let lost = losses["exited_map_full_ns"].as_f64().unwrap_or(0.0) / 1e9;
+    eprintln!(
+        "exited map of 4: container {ours:.4} s + lost {lost:.4} s vs children {children:.4} s (+ parent {parent_self:.4} s); losses {losses}"
+    );
+    assert!(
+        losses["exited_map_full"].as_u64().unwrap_or(0) > 0,
+        "300 exits through a map of 4 must overflow it: {losses}"
+    );
+    assert!(lost > 0.0, "the time that did not fit is counted: {losses}");
+    // What was not attributed is counted: together they cover the
+    // children (99%, the short-lived test's bar). The counter is the
+    // node's, so other processes' exits may add to it: no upper bound on
+    // the sum, only on what the container got.
+    assert!(
+        ours + lost >= 0.99 * children,
+        "container {ours:.4} s + lost {lost:.4} s < 99% of {children:.4} s"
+    );
+    assert!(ours <= 1.02 * (children + parent_self));
+}
+
 #[test]
 fn a_user_who_names_a_cgroup_after_another_container_gets_no_share_of_it() {
     if !require_root() {

@@ -145,10 +145,34 @@ struct ExitedTrack {
 pub struct EbpfOptions {
     pub btf_path: PathBuf,
     pub procfs_root: PathBuf,
+    /// Entries of the `EXITED` map.
+    pub exited_map_capacity: u32,
+    /// Bytes asked of the task iterator per `read()` (`ITER_READ_BYTES`
+    /// unless a diagnostic run sets `POWERLENS_ITERATOR_READ_BYTES`, e.g.
+    /// to exercise the programs' undo of records dropped at the kernel
+    /// buffer's edge).
+    pub iterator_read_bytes: usize,
+}
+
+impl EbpfOptions {
+    pub fn new(btf_path: PathBuf, procfs_root: PathBuf, exited_map_capacity: u32) -> Self {
+        let iterator_read_bytes = std::env::var("POWERLENS_ITERATOR_READ_BYTES")
+            .ok()
+            .and_then(|text| text.parse::<usize>().ok())
+            .filter(|bytes| *bytes >= size_of::<TaskRecord>())
+            .unwrap_or(ITER_READ_BYTES);
+        Self {
+            btf_path,
+            procfs_root,
+            exited_map_capacity,
+            iterator_read_bytes,
+        }
+    }
 }
 
 pub struct EbpfCpuSource {
     ebpf: Ebpf,
+    iterator_read_bytes: usize,
     topology: Topology,
     procfs_root: PathBuf,
     buffer: Vec<u8>,
@@ -240,12 +264,13 @@ impl EbpfCpuSource {
             .override_global(names::GLOBAL_SOCKETS, &(topology.sockets() as u32), true)
             .override_global(names::GLOBAL_AGENT_START_BOOTTIME_NS, &boottime_ns(), true)
             .override_global(names::GLOBAL_WEAKLY_ORDERED, &WEAKLY_ORDERED, true)
+            .set_max_entries(names::EXITED, options.exited_map_capacity)
             .load(KERNEL_OBJECT)?;
 
         // 1. Baseline: past run time of existing threads is not ours to report.
         load_iter(&mut ebpf, names::BASELINE_TASKS, &aya_btf)?;
         let mut sink = Vec::new();
-        run_iter(&mut ebpf, names::BASELINE_TASKS, &mut sink)?;
+        run_iter(&mut ebpf, names::BASELINE_TASKS, &mut sink, ITER_READ_BYTES)?;
         // 2. The switch path.
         let switch: &mut BtfTracePoint = ebpf
             .program_mut(names::SCHED_SWITCH)
@@ -269,6 +294,7 @@ impl EbpfCpuSource {
             ebpf,
             topology,
             procfs_root: options.procfs_root.clone(),
+            iterator_read_bytes: options.iterator_read_bytes,
             buffer: Vec::with_capacity(1 << 16),
             exited: FxHashMap::default(),
             last_busy_ns: Vec::new(),
@@ -448,7 +474,12 @@ impl CpuTimeSource for EbpfCpuSource {
         // A read that fails part-way has already moved the kernel's marks
         // for the records it returned: keep them, and report the error with
         // the reading rather than instead of it.
-        if let Err(error) = run_iter(&mut self.ebpf, names::DUMP_TASKS, &mut buffer) {
+        if let Err(error) = run_iter(
+            &mut self.ebpf,
+            names::DUMP_TASKS,
+            &mut buffer,
+            self.iterator_read_bytes,
+        ) {
             reading.errors.push(error.to_string());
         }
         let mut in_progress_by_cpu = vec![0u64; self.topology.possible_cpus().max(1)];
@@ -573,7 +604,12 @@ const _: () = {
 /// Runs a loaded task iterator once, appending its output to `out`. On an
 /// error part-way, what was read before it stays in `out`: the kernel has
 /// already moved its marks for those records.
-fn run_iter(ebpf: &mut Ebpf, name: &'static str, out: &mut Vec<u8>) -> Result<(), EbpfLoadError> {
+fn run_iter(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    out: &mut Vec<u8>,
+    read_bytes: usize,
+) -> Result<(), EbpfLoadError> {
     let program = iter_program(ebpf, name)?;
     let link_id = program.attach().map_err(|source| EbpfLoadError::Program {
         program: name,
@@ -588,7 +624,7 @@ fn run_iter(ebpf: &mut Ebpf, name: &'static str, out: &mut Vec<u8>) -> Result<()
     let mut file = link
         .into_file()
         .map_err(|e| EbpfLoadError::Iterator(e.to_string()))?;
-    read_in_chunks(&mut file, out, ITER_READ_BYTES)
+    read_in_chunks(&mut file, out, read_bytes)
         .map_err(|e| EbpfLoadError::Iterator(format!("reading {name}: {e}")))
 }
 

@@ -178,10 +178,11 @@ fn bench_switch_path(seconds: u64) -> anyhow::Result<SwitchResult> {
     let _stats = enable_stats(Stats::RunTime).context("enabling BPF run-time statistics")?;
     let topology = Topology::read(Path::new("/sys"))?;
     let mut source = EbpfCpuSource::load(
-        &EbpfOptions {
-            btf_path: "/sys/kernel/btf/vmlinux".into(),
-            procfs_root: "/proc".into(),
-        },
+        &EbpfOptions::new(
+            "/sys/kernel/btf/vmlinux".into(),
+            "/proc".into(),
+            agent_common::EXITED_MAP_CAPACITY,
+        ),
         topology,
     )?;
     let btf = Btf::from_sys_fs()?;
