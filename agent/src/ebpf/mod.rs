@@ -264,7 +264,7 @@ impl EbpfCpuSource {
             .override_global(names::GLOBAL_SOCKETS, &(topology.sockets() as u32), true)
             .override_global(names::GLOBAL_AGENT_START_BOOTTIME_NS, &boottime_ns(), true)
             .override_global(names::GLOBAL_WEAKLY_ORDERED, &WEAKLY_ORDERED, true)
-            .set_max_entries(names::EXITED, options.exited_map_capacity)
+            .map_max_entries(names::EXITED, options.exited_map_capacity)
             .load(KERNEL_OBJECT)?;
 
         // 1. Baseline: past run time of existing threads is not ours to report.
