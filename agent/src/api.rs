@@ -131,10 +131,23 @@ fn check_params(params: &HashMap<String, String>, allowed: &[&str]) -> Result<()
     Ok(())
 }
 
+/// Items a list returns when the request names no `limit`: a node can hold
+/// hundreds of thousands of processes (exited ones are kept for the
+/// retention), and a bare request must not build a response of that size.
+/// `X-Total-Count` tells how many there were.
+pub const DEFAULT_LIST_LIMIT: usize = 1000;
+
+/// A list response: the first `limit` items, and the total in a header.
+type Listing<T> = ([(&'static str, String); 1], Json<Vec<T>>);
+
+fn listing<T>(items: Vec<T>, total: usize) -> Listing<T> {
+    ([("x-total-count", total.to_string())], Json(items))
+}
+
 /// For list endpoints whose only parameter is `limit`.
 fn limit_only(params: &HashMap<String, String>) -> Result<usize, ApiError> {
     check_params(params, &["limit"])?;
-    Ok(parse_limit(params)?.unwrap_or(usize::MAX))
+    Ok(parse_limit(params)?.unwrap_or(DEFAULT_LIST_LIMIT))
 }
 
 fn parse_limit(params: &HashMap<String, String>) -> Result<Option<usize>, ApiError> {
@@ -149,8 +162,8 @@ fn parse_limit(params: &HashMap<String, String>) -> Result<Option<usize>, ApiErr
     }
 }
 
-fn first<T: Clone>(items: &[T], limit: usize) -> Vec<T> {
-    items.iter().take(limit).cloned().collect()
+fn first<T: Clone>(items: &[T], limit: usize) -> Listing<T> {
+    listing(items.iter().take(limit).cloned().collect(), items.len())
 }
 
 pub(crate) async fn healthz(State(shared): State<SharedSnapshot>) -> Json<Health> {
@@ -160,9 +173,9 @@ pub(crate) async fn healthz(State(shared): State<SharedSnapshot>) -> Json<Health
 async fn list_containers(
     State(shared): State<SharedSnapshot>,
     Query(params): Query<HashMap<String, String>>,
-) -> Result<Json<Vec<ContainerFigures>>, ApiError> {
+) -> Result<Listing<ContainerFigures>, ApiError> {
     let limit = limit_only(&params)?;
-    Ok(Json(first(&shared.latest().figures().containers, limit)))
+    Ok(first(&shared.latest().figures().containers, limit))
 }
 
 async fn get_container(
@@ -180,9 +193,9 @@ async fn get_container(
 async fn list_processes(
     State(shared): State<SharedSnapshot>,
     Query(params): Query<HashMap<String, String>>,
-) -> Result<Json<Vec<ProcessFigures>>, ApiError> {
+) -> Result<Listing<ProcessFigures>, ApiError> {
     check_params(&params, &["container", "limit"])?;
-    let limit = parse_limit(&params)?.unwrap_or(usize::MAX);
+    let limit = parse_limit(&params)?.unwrap_or(DEFAULT_LIST_LIMIT);
     let snapshot = shared.latest();
     let workload_filter = match params.get("container") {
         None => None,
@@ -192,7 +205,10 @@ async fn list_processes(
             let container = figures
                 .container(id)
                 .map_err(|lookup| ApiError::lookup(id, lookup))?;
-            let key = format!("container:{}", container.container_id);
+            let key = match container.owner_uid {
+                Some(uid) => format!("container:{}@uid{uid}", container.container_id),
+                None => format!("container:{}", container.container_id),
+            };
             Some(snapshot.workloads.iter().position(|w| *w.key == *key))
         }
     };
@@ -202,30 +218,32 @@ async fn list_processes(
         .filter(|p| workload_filter.is_none_or(|index| Some(p.workload) == index))
         .collect();
     selected.sort_unstable_by_key(|p| p.key);
-    Ok(Json(
+    let total = selected.len();
+    Ok(listing(
         selected
             .into_iter()
             .take(limit)
             .map(|p| process_figures(&snapshot, p))
             .collect(),
+        total,
     ))
 }
 
 async fn list_workloads(
     State(shared): State<SharedSnapshot>,
     Query(params): Query<HashMap<String, String>>,
-) -> Result<Json<Vec<WorkloadFigures>>, ApiError> {
+) -> Result<Listing<WorkloadFigures>, ApiError> {
     let limit = limit_only(&params)?;
-    Ok(Json(first(&shared.latest().figures().workloads, limit)))
+    Ok(first(&shared.latest().figures().workloads, limit))
 }
 
 /// Pods: the sums of their containers and pod-level cgroups.
 async fn list_pods(
     State(shared): State<SharedSnapshot>,
     Query(params): Query<HashMap<String, String>>,
-) -> Result<Json<Vec<PodFigures>>, ApiError> {
+) -> Result<Listing<PodFigures>, ApiError> {
     let limit = limit_only(&params)?;
-    Ok(Json(first(&shared.latest().figures().pods, limit)))
+    Ok(first(&shared.latest().figures().pods, limit))
 }
 
 async fn node(State(shared): State<SharedSnapshot>) -> Json<NodeFigures> {

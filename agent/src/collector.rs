@@ -181,7 +181,7 @@ impl Collector {
             // a miss is a new cgroup that must be named in the interval it
             // first ran in; `new_round` limits walks to one per interval.
             resolver: CgroupResolver::new(cgroup_root, Duration::from_millis(50)),
-            accounting: Accounting::new(config.retention),
+            accounting: Accounting::with_limits(config.retention, config.max_exited_processes),
             topology,
             shared,
             interval: config.interval,
@@ -302,6 +302,9 @@ impl Collector {
         let resolver = &self.resolver;
         self.accounting
             .retire(now, &mut |id| resolver.still_exists(id));
+        let accounting = &self.accounting;
+        self.resolver
+            .forget_removed(|id| accounting.knows_cgroup(id));
         let cpu_retired = thread_cpu_us();
         self.shared.publish(Snapshot::build(
             &self.accounting,
@@ -311,7 +314,14 @@ impl Collector {
                 interval: if wall.is_zero() { self.interval } else { wall },
                 method: self.source.method(),
                 sockets: self.topology.sockets(),
-                losses: self.losses.clone(),
+                losses: {
+                    let mut losses = self.losses.clone();
+                    losses.push((
+                        "exited_processes_evicted",
+                        self.accounting.evicted_processes(),
+                    ));
+                    losses
+                },
                 sources: self.sources.clone(),
                 read_errors: self.read_errors,
                 energy: EnergyView {

@@ -58,6 +58,9 @@ pub struct Config {
     /// How long exited processes and containers stay queryable.
     #[serde(with = "duration_text")]
     pub retention: Duration,
+    /// Most exited processes kept for queries within the retention (the
+    /// oldest go first; their time stays in their workload's figures).
+    pub max_exited_processes: usize,
     pub method: MethodChoice,
     /// Processes whose exited threads' CPU time the kernel side can hold
     /// between two reads. Past it, that time is counted as lost
@@ -115,6 +118,7 @@ impl Default for Config {
             interval: Duration::from_secs(1),
             listen: SocketAddr::from(([127, 0, 0, 1], 9876)),
             retention: Duration::from_secs(15 * 60),
+            max_exited_processes: crate::accounting::DEFAULT_MAX_EXITED_PROCESSES,
             method: MethodChoice::Auto,
             exited_map_capacity: agent_common::EXITED_MAP_CAPACITY,
             btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
@@ -167,6 +171,9 @@ pub struct Overrides {
     #[arg(long, env = "POWERLENS_METHOD", value_enum)]
     pub method: Option<MethodChoice>,
     /// Kernel BTF file.
+    /// Most exited processes kept for queries.
+    #[arg(long, env = "POWERLENS_MAX_EXITED_PROCESSES")]
+    pub max_exited_processes: Option<usize>,
     /// Exited processes the kernel side holds between two reads.
     #[arg(long, env = "POWERLENS_EXITED_MAP_CAPACITY")]
     pub exited_map_capacity: Option<u32>,
@@ -280,6 +287,9 @@ impl Config {
         }
         if let Some(v) = o.retention {
             self.retention = v;
+        }
+        if let Some(v) = o.max_exited_processes {
+            self.max_exited_processes = v;
         }
         if let Some(v) = o.exited_map_capacity {
             self.exited_map_capacity = v;

@@ -116,6 +116,7 @@ impl Accounting {
                 && process.exited_at.is_none()
             {
                 process.exited_at = Some(now);
+                self.exit_order.push_back((now, *key));
                 if let Some(w) = self.workload_slots[process.workload].as_mut() {
                     w.live_processes = w.live_processes.saturating_sub(1);
                 }

@@ -93,6 +93,9 @@ pub struct NodeEnergy {
     pub idle_watts: DomainJoules,
 }
 
+/// Default bound on the exited processes kept (~250 bytes each).
+pub const DEFAULT_MAX_EXITED_PROCESSES: usize = 20_000;
+
 /// How a cgroup id resolves: its workload and path (`None` when the cgroup
 /// vanished before it could be looked up).
 pub struct Resolved {
@@ -166,6 +169,16 @@ pub struct Accounting {
     node_energy: NodeEnergy,
     baselines: FxHashMap<DomainId, IdleBaseline>,
     retention: Duration,
+    /// Most exited processes kept for queries, whatever their age: at
+    /// 1,000 forks a second a 15-minute retention would keep 900,000.
+    max_exited_processes: usize,
+    /// Exited processes in the order they exited (with the time, so an
+    /// entry of a process that ran again is recognised as stale).
+    exit_order: std::collections::VecDeque<(SystemTime, ProcessKey)>,
+    /// Exited processes forgotten before their retention ran out because
+    /// of `max_exited_processes` (their time and energy stay in their
+    /// workload's figures; only the per-process detail goes).
+    evicted_processes: u64,
     /// How often a workload without live processes is checked for its
     /// cgroup still existing.
     existence_check_every: Duration,
@@ -177,6 +190,10 @@ pub struct Accounting {
 
 impl Accounting {
     pub fn new(retention: Duration) -> Self {
+        Self::with_limits(retention, DEFAULT_MAX_EXITED_PROCESSES)
+    }
+
+    pub fn with_limits(retention: Duration, max_exited_processes: usize) -> Self {
         Self {
             processes: FxHashMap::default(),
             workload_slots: Vec::new(),
@@ -187,10 +204,24 @@ impl Accounting {
             node_energy: NodeEnergy::default(),
             baselines: FxHashMap::default(),
             retention,
+            max_exited_processes,
+            exit_order: std::collections::VecDeque::new(),
+            evicted_processes: 0,
             existence_check_every: Duration::from_secs(5),
             seq: 0,
             node_wall_pending: Duration::ZERO,
         }
+    }
+
+    /// Exited processes forgotten early to keep within the bound.
+    pub fn evicted_processes(&self) -> u64 {
+        self.evicted_processes
+    }
+
+    /// Whether the books still refer to the cgroup `id` (for the
+    /// resolver's pruning).
+    pub fn knows_cgroup(&self, id: u64) -> bool {
+        self.cgroup_slots.contains_key(&id)
     }
 
     /// The number of the interval last applied.

@@ -28,11 +28,33 @@ impl Accounting {
                 entry.exited_at = Some(now);
             }
         }
+        // A workload outlives its cgroups (a service restarted a thousand
+        // times had a thousand): keep the ids that still exist, and the
+        // newest, so the list stays as long as the cgroups alive.
+        let mut forgotten_ids = Vec::new();
+        for entry in self.workload_slots.iter_mut().flatten() {
+            if entry.cgroup_ids.len() <= 1 || entry.live_processes > 0 && entry.cgroup_ids.len() < 8
+            {
+                continue;
+            }
+            let newest = entry.cgroup_ids.last().copied();
+            entry.cgroup_ids.retain(|id| {
+                let keep = Some(*id) == newest || cgroup_exists(*id);
+                if !keep {
+                    forgotten_ids.push(*id);
+                }
+                keep
+            });
+        }
+        for id in forgotten_ids {
+            self.cgroup_slots.remove(&id);
+        }
         let retention = self.retention;
         let expired = |exited_at: Option<SystemTime>| {
             exited_at.is_some_and(|at| now.duration_since(at).unwrap_or_default() > retention)
         };
         self.processes.retain(|_, p| !expired(p.exited_at));
+        self.evict_exited_processes_over_the_bound();
         for slot in 0..self.workload_slots.len() {
             if self.workload_slots[slot]
                 .as_ref()
@@ -44,5 +66,25 @@ impl Accounting {
         let slots = &self.workload_slots;
         self.cgroup_slots
             .retain(|_, (slot, _)| slots[*slot].is_some());
+    }
+
+    /// Forgets the oldest exited processes while more than the bound are
+    /// kept, and the exit records of processes already gone.
+    fn evict_exited_processes_over_the_bound(&mut self) {
+        // Records whose process expired, ran again or exited again later
+        // are stale.
+        let processes = &self.processes;
+        self.exit_order.retain(|(at, key)| {
+            processes
+                .get(key)
+                .is_some_and(|process| process.exited_at == Some(*at))
+        });
+        while self.exit_order.len() > self.max_exited_processes {
+            let Some((_, key)) = self.exit_order.pop_front() else {
+                break;
+            };
+            self.processes.remove(&key);
+            self.evicted_processes += 1;
+        }
     }
 }

@@ -108,6 +108,69 @@ fn a_container_whose_cgroup_remains_is_not_exited() {
 }
 
 #[test]
+fn exited_processes_are_bounded_oldest_first_and_counted() {
+    let mut accounting = Accounting::with_limits(Duration::from_secs(3600), 3);
+    for pid in 0..5u32 {
+        let key = ProcessKey { pid, start_ns: 1 };
+        let reading = CpuReading {
+            usage: vec![usage(pid, 1, 100)],
+            exited: vec![key],
+            ..Default::default()
+        };
+        accounting.apply_cpu(
+            &reading,
+            at(u64::from(pid)),
+            Duration::from_secs(1),
+            &[0],
+            &mut resolver,
+        );
+        accounting.retire(at(u64::from(pid)), &mut |_| true);
+    }
+    let mut kept: Vec<u32> = accounting.processes().keys().map(|k| k.pid).collect();
+    kept.sort_unstable();
+    assert_eq!(kept, vec![2, 3, 4], "the oldest two went first");
+    assert_eq!(accounting.evicted_processes(), 2);
+    // Their time stays in the workload.
+    let key = format!("container:{CONTAINER}");
+    assert_eq!(
+        total_ns(&accounting.workload(&key).unwrap().cpu_ns_by_socket),
+        500
+    );
+}
+
+#[test]
+fn a_workload_keeps_only_the_cgroup_ids_that_still_exist() {
+    let mut accounting = Accounting::new(Duration::from_secs(3600));
+    // A service restarted 20 times: 20 cgroups, one process each, all gone.
+    for restart in 0..20u64 {
+        let id = 100 + restart;
+        let reading = CpuReading {
+            usage: vec![usage(1000 + restart as u32, id, 10)],
+            exited: vec![ProcessKey {
+                pid: 1000 + restart as u32,
+                start_ns: 1,
+            }],
+            ..Default::default()
+        };
+        accounting.apply_cpu(
+            &reading,
+            at(restart),
+            Duration::from_secs(1),
+            &[0],
+            &mut |_| resolver(2),
+        );
+    }
+    let service = accounting.workload("service:sshd.service").unwrap();
+    assert_eq!(service.cgroup_ids.len(), 20);
+    // Only the newest cgroup exists now.
+    accounting.retire(at(100), &mut |id| id == 119);
+    let service = accounting.workload("service:sshd.service").unwrap();
+    assert_eq!(service.cgroup_ids, vec![119]);
+    assert!(!accounting.knows_cgroup(100));
+    assert!(accounting.knows_cgroup(119));
+}
+
+#[test]
 fn node_idle_is_wall_minus_busy_per_cpu() {
     let mut accounting = Accounting::new(Duration::from_secs(60));
     let reading = CpuReading {

@@ -4,7 +4,7 @@
 pub mod workload;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     io,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
@@ -106,6 +106,9 @@ pub struct CgroupResolver {
     min_rescan_interval: Duration,
     scanned_this_round: bool,
     unknown: Arc<Workload>,
+    /// Ids the last walk found; the others are removed cgroups, kept only
+    /// while the books still name them.
+    present: HashSet<u64>,
 }
 
 impl CgroupResolver {
@@ -117,6 +120,7 @@ impl CgroupResolver {
             min_rescan_interval,
             scanned_this_round: false,
             unknown: Arc::new(Workload::Host),
+            present: HashSet::new(),
         }
     }
 
@@ -157,9 +161,31 @@ impl CgroupResolver {
         }
     }
 
+    /// Forgets removed cgroups (absent from the last walk) that `needed`
+    /// no longer asks for: the entries of exited containers stay while
+    /// their figures are kept, and no longer.
+    pub fn forget_removed(&mut self, needed: impl Fn(u64) -> bool) {
+        if self.by_id.len() <= self.present.len() {
+            return;
+        }
+        let present = &self.present;
+        self.by_id
+            .retain(|id, _| present.contains(id) || needed(*id));
+    }
+
+    /// Cgroups the resolver remembers.
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
     /// Walks the whole hierarchy and records every cgroup directory.
     pub fn rescan(&mut self) {
         self.last_scan = Some(Instant::now());
+        self.present.clear();
         // (directory, path from the root, the unprivileged user that owns
         // it or a parent: a delegated subtree, where that user names cgroups)
         // Root, or whoever owns the root here (a user namespace may show
@@ -170,6 +196,7 @@ impl CgroupResolver {
             let Ok(metadata) = std::fs::metadata(&dir) else {
                 continue;
             };
+            self.present.insert(metadata.ino());
             let owner = metadata.uid();
             let delegated_to =
                 delegated_to.or((owner != 0 && owner != root_owner).then_some(owner));
@@ -287,6 +314,14 @@ mod tests {
             resolver.resolve(leaf_id).map(|i| i.path.clone()),
             Some(info.path)
         );
+        resolver.new_round();
         assert!(resolver.resolve(u64::MAX).is_none());
+        // The walk on that miss saw the leaf gone: it is kept while the
+        // books need it, and forgotten after.
+        resolver.forget_removed(|id| id == leaf_id);
+        assert!(resolver.resolve(leaf_id).is_some());
+        let before = resolver.len();
+        resolver.forget_removed(|_| false);
+        assert_eq!(resolver.len(), before - 1);
     }
 }

@@ -156,6 +156,11 @@ impl CpuTimeSource for ProcfsCpuSource {
         // Whatever we saw last time and not now has exited.
         reading.exited.extend(self.seen.keys().copied());
         self.seen = current;
+        // Paths of cgroups long gone would pile up: start the cache afresh
+        // when it holds far more paths than there are processes.
+        if self.cgroup_ids.len() > 4096 + 2 * self.seen.len() {
+            self.cgroup_ids.clear();
+        }
         self.first_read = false;
 
         let busy = read_busy_ticks(&self.procfs_root).map_err(|source| CpuSourceError::Io {

@@ -13,6 +13,12 @@
 //!    `/metrics` scraped every second. Goals: 1 ms of CPU per interval and
 //!    8 MiB of peak RSS over the agent without export; the time to render
 //!    one `/metrics` and its size are printed.
+//!
+//! `powerlens-bench --churn MINUTES` (`cargo xtask bench -- --churn 30`)
+//! runs only the memory churn test instead: containers (cgroups) and
+//! short-lived processes created and removed continuously, the agent's RSS
+//! sampled every 30 s. Goal: flat once the retention (15 min) is full — the
+//! last quarter of a 30-minute run within 10% of the third quarter.
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -47,6 +53,14 @@ const EXPORT_RSS_GOAL_MIB: f64 = 8.0;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if let Some(minutes) = args
+        .iter()
+        .position(|a| a == "--churn")
+        .and_then(|i| args.get(i + 1))
+    {
+        let minutes: u64 = minutes.parse().context("--churn MINUTES")?;
+        return bench_churn(minutes);
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let switch_seconds = if quick { 3 } else { 10 };
     let (processes, cgroups, measure_seconds) = if quick {
@@ -396,7 +410,7 @@ fn bench_agent(
         .as_ref()
         .map(|r| r.points().len() / exports_ok.max(1) as usize)
         .unwrap_or(0);
-    let (_, list) = agent.get("/api/v1/processes");
+    let (_, list) = agent.get("/api/v1/processes?limit=1000000");
     let live_processes = list
         .as_array()
         .map(|l| l.iter().filter(|p| p["exited"] == false).count())
@@ -419,4 +433,98 @@ fn bench_agent(
         exports: exports_ok,
         points_per_export,
     })
+}
+
+fn current_rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmRSS in /proc/<pid>/status")
+}
+
+/// Containers and processes created and removed for `minutes`; the agent's
+/// RSS every 30 s. Its retention (15 min) and exited-process bound make
+/// what it keeps stop growing: RSS must go flat.
+fn bench_churn(minutes: u64) -> anyhow::Result<()> {
+    println!(
+        "[churn] {minutes} min: a container cgroup every ~100 ms, each running 40 short-lived processes, removed when done"
+    );
+    let agent = Agent::start_with_interval("1s", &[]);
+    let parent = TestCgroup::create(&format!("powerlens-churn-{}.slice", random_hex(8)));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let created = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let churn = {
+        let stop = stop.clone();
+        let created = created.clone();
+        let parent = parent.relative.trim_start_matches('/').to_owned();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let cgroup =
+                    TestCgroup::create(&format!("{parent}/docker-{}.scope", random_hex(64)));
+                let child = spawn_in(Some(&cgroup), &workload_binary(), &["short", "40", "1"]);
+                let _ = child.wait_output();
+                drop(cgroup);
+                created.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    };
+    let pid = agent.pid();
+    let started = Instant::now();
+    let mut samples: Vec<(f64, f64)> = Vec::new();
+    println!(
+        "{:>8} {:>10} {:>12} {:>12} {:>10}",
+        "minute", "RSS MiB", "containers", "processes", "evicted"
+    );
+    while started.elapsed() < Duration::from_secs(minutes * 60) {
+        std::thread::sleep(Duration::from_secs(30));
+        let rss = current_rss_kib(pid)? as f64 / 1024.0;
+        let minute = started.elapsed().as_secs_f64() / 60.0;
+        let (_, health) = agent.get("/healthz");
+        let evicted = health["losses"]["exited_processes_evicted"]
+            .as_u64()
+            .unwrap_or(0);
+        let kept_containers = count(&agent, "/api/v1/containers?limit=1000000");
+        let kept_processes = count(&agent, "/api/v1/processes?limit=1000000");
+        println!(
+            "{minute:>8.1} {rss:>10.1} {kept_containers:>12} {kept_processes:>12} {evicted:>10}"
+        );
+        samples.push((minute, rss));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = churn.join();
+    let third = |from: f64, to: f64| {
+        let picked: Vec<f64> = samples
+            .iter()
+            .filter(|(m, _)| *m >= from && *m <= to)
+            .map(|(_, r)| *r)
+            .collect();
+        picked.iter().sum::<f64>() / picked.len().max(1) as f64
+    };
+    // After the retention has filled (15 min of a 30 min run): the last
+    // quarter against the third.
+    let total = minutes as f64;
+    let middle = third(total / 2.0, 3.0 * total / 4.0);
+    let last = third(3.0 * total / 4.0, total);
+    println!(
+        "containers created: {}; peak RSS {:.1} MiB",
+        created.load(std::sync::atomic::Ordering::Relaxed),
+        peak_rss_kib(pid)? as f64 / 1024.0
+    );
+    println!(
+        "mean RSS, third quarter {middle:.1} MiB, last quarter {last:.1} MiB: ratio {:.3} (goal <= 1.10){}",
+        last / middle,
+        if last / middle <= 1.10 {
+            ""
+        } else {
+            "  OVER GOAL"
+        }
+    );
+    drop(parent);
+    Ok(())
+}
+
+fn count(agent: &Agent, path: &str) -> usize {
+    agent.get(path).1.as_array().map_or(0, Vec::len)
 }
