@@ -201,13 +201,20 @@ impl EnergyCollector {
             }
             self.rapl_health = rapl.health();
             metered = !reading.energies.is_empty();
+            // Per socket: a multi-die package reports one zone per die.
+            let mut package_joules = vec![0.0; utilization.len()];
             for energy in &reading.energies {
                 if energy.id.domain == Domain::Package
-                    && seconds > 0.0
-                    && let Some(u) = utilization.get(energy.id.index as usize)
+                    && let Some(joules) = package_joules.get_mut(energy.id.index as usize)
                 {
-                    self.model
-                        .calibrate(energy.id.index as usize, *u, energy.joules / seconds);
+                    *joules += energy.joules;
+                }
+            }
+            if seconds > 0.0 {
+                for (socket, (joules, u)) in package_joules.iter().zip(&utilization).enumerate() {
+                    if *joules > 0.0 {
+                        self.model.calibrate(socket, *u, joules / seconds);
+                    }
                 }
             }
             interval.energies.extend(reading.energies);
@@ -258,15 +265,17 @@ impl EnergyCollector {
         ));
         interval.model_fits = self.model.fits();
         if metered {
+            // Only a fit that can be an idle power; otherwise the learned
+            // low percentile of what the meter saw stands.
             interval
                 .idle_watts_hints
-                .extend(interval.model_fits.iter().map(|fit| {
+                .extend(self.model.idle_watts().into_iter().map(|(socket, watts)| {
                     (
                         super::DomainId {
                             domain: Domain::Package,
-                            index: fit.socket,
+                            index: socket,
                         },
-                        fit.idle_watts.max(0.0),
+                        watts,
                     )
                 }));
         }

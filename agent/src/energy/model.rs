@@ -45,7 +45,14 @@ pub struct OnlineRegression {
     mean_squared_error: f64,
     mean_abs_relative_error: f64,
     samples: u64,
+    /// The lowest `y` seen: an idle power above it is not an idle power.
+    min_y: Option<f64>,
 }
+
+/// The spread (standard deviation) of utilization a fit needs before its
+/// intercept is trusted as the idle power: a node that sat at 40-60% all
+/// along says little about what it draws at 0%.
+pub const MIN_UTILIZATION_SPREAD: f64 = 0.1;
 
 const FORGETTING: f64 = 0.995;
 
@@ -63,6 +70,7 @@ impl OnlineRegression {
                     + (1.0 - FORGETTING) * (error / y).abs();
             }
         }
+        self.min_y = Some(self.min_y.map_or(y, |min| min.min(y)));
         self.weight = FORGETTING * self.weight + 1.0;
         self.sum_x = FORGETTING * self.sum_x + x;
         self.sum_y = FORGETTING * self.sum_y + y;
@@ -83,6 +91,26 @@ impl OnlineRegression {
         let slope = (self.weight * self.sum_xy - self.sum_x * self.sum_y) / denominator;
         let intercept = (self.sum_y - slope * self.sum_x) / self.weight;
         Some((intercept, slope))
+    }
+
+    /// The (weighted) standard deviation of the inputs.
+    pub fn x_spread(&self) -> f64 {
+        if self.weight <= 0.0 {
+            return 0.0;
+        }
+        let mean = self.sum_x / self.weight;
+        (self.sum_xx / self.weight - mean * mean).max(0.0).sqrt()
+    }
+
+    /// The intercept as an idle power, when it can be one: the inputs
+    /// spread enough to fit a line, and 0 <= intercept <= the lowest power
+    /// seen (a node never draws less than idle), that lowest reading given
+    /// two RMSEs of slack for the meter's noise. `None`: fall back.
+    pub fn idle_intercept(&self) -> Option<f64> {
+        let (intercept, _) = self.coefficients()?;
+        let ceiling = self.min_y? + 2.0 * self.mean_squared_error.sqrt();
+        (self.x_spread() >= MIN_UTILIZATION_SPREAD && intercept >= 0.0 && intercept <= ceiling)
+            .then_some(intercept)
     }
 
     pub fn rmse(&self) -> Option<f64> {
@@ -150,6 +178,16 @@ impl PowerModel {
         self.fits[socket].observe(utilization, measured_watts);
     }
 
+    /// Per socket, the fitted idle power where it passes the checks of
+    /// [`OnlineRegression::idle_intercept`].
+    pub fn idle_watts(&self) -> Vec<(u32, f64)> {
+        self.fits
+            .iter()
+            .enumerate()
+            .filter_map(|(socket, fit)| Some((socket as u32, fit.idle_intercept()?)))
+            .collect()
+    }
+
     pub fn fits(&self) -> Vec<ModelFit> {
         self.fits
             .iter()
@@ -195,6 +233,43 @@ mod tests {
         assert!((fit.idle_watts - 35.0).abs() < 0.5, "{fit:?}");
         assert!((fit.max_watts - 180.0).abs() < 0.5, "{fit:?}");
         assert!(fit.rmse_watts < 1.5, "{fit:?}");
+    }
+
+    #[test]
+    fn the_fitted_idle_power_is_used_only_when_it_can_be_one() {
+        // Utilization spread 0..1: the intercept (35 W) is the idle power.
+        let mut spread = OnlineRegression::default();
+        for i in 0..500 {
+            let u = f64::from(i % 100) / 100.0;
+            let noise = if i % 2 == 0 { 1.0 } else { -1.0 };
+            spread.observe(u, 35.0 + 145.0 * u + noise);
+        }
+        assert!((spread.idle_intercept().unwrap() - 35.0).abs() < 0.5);
+        // Always 45-55% busy: a line fits, but says little about 0%.
+        let mut narrow = OnlineRegression::default();
+        for i in 0..500 {
+            let u = 0.45 + f64::from(i % 10) / 100.0;
+            narrow.observe(u, 35.0 + 145.0 * u);
+        }
+        assert!(narrow.coefficients().is_some());
+        assert_eq!(narrow.idle_intercept(), None);
+        // A curve that bends down at low load extrapolates to a negative
+        // intercept: not an idle power.
+        let mut negative = OnlineRegression::default();
+        for i in 0..500 {
+            let u = f64::from(i % 100) / 100.0;
+            negative.observe(u, -20.0 + 200.0 * u.sqrt().max(0.1));
+        }
+        assert_eq!(negative.idle_intercept(), None);
+        // An intercept above the lowest power seen is not an idle power.
+        let mut above = OnlineRegression::default();
+        for i in 0..500 {
+            let u = f64::from(i % 100) / 100.0;
+            above.observe(u, if u < 0.05 { 10.0 } else { 60.0 + 100.0 * u });
+        }
+        let (intercept, _) = above.coefficients().unwrap();
+        assert!(intercept > 10.0, "{intercept}");
+        assert_eq!(above.idle_intercept(), None);
     }
 
     #[test]

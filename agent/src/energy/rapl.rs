@@ -13,6 +13,13 @@ use super::{
 struct Zone {
     dir: PathBuf,
     id: DomainId,
+    /// The die of a multi-die package (`package-0-die-1`), for the package
+    /// zone and its children.
+    die: Option<u32>,
+    /// The zone repeats another die's counter (AMD's multi-die parts show
+    /// the socket's one counter under every die): skipped, or the socket
+    /// would count once per die.
+    mirror: bool,
     max_range_uj: u64,
     last_uj: Option<u64>,
     error: Option<String>,
@@ -31,13 +38,24 @@ pub struct RaplSource {
     zones: Vec<Zone>,
 }
 
-/// `package-1` → (Package, 1); `core` → (Core, parent's socket); `psys` → Psys.
+/// `package-0-die-1` → (0, Some(1)); `package-1` → (1, None).
+pub fn parse_package_name(name: &str) -> Option<(u32, Option<u32>)> {
+    let rest = name.trim().strip_prefix("package-")?;
+    match rest.split_once("-die-") {
+        Some((socket, die)) => Some((socket.parse().ok()?, Some(die.parse().ok()?))),
+        None => Some((rest.parse().ok()?, None)),
+    }
+}
+
+/// `package-1` (or `package-1-die-0`) → (Package, 1); `core` → (Core,
+/// parent's socket); `psys` → Psys.
 pub fn classify_zone(name: &str, parent_socket: Option<u32>) -> Option<DomainId> {
     let name = name.trim();
-    if let Some(socket) = name.strip_prefix("package-") {
+    if name.starts_with("package-") {
+        let (socket, _) = parse_package_name(name)?;
         return Some(DomainId {
             domain: Domain::Package,
-            index: socket.parse().ok()?,
+            index: socket,
         });
     }
     let domain = match name {
@@ -74,7 +92,11 @@ impl RaplSource {
                 continue;
             };
             let parent_socket = (id.domain == Domain::Package).then_some(id.index);
-            zones.push(new_zone(top.clone(), id));
+            let die = std::fs::read_to_string(top.join("name"))
+                .ok()
+                .and_then(|name| parse_package_name(&name))
+                .and_then(|(_, die)| die);
+            zones.push(new_zone(top.clone(), id, die));
             let Ok(children) = std::fs::read_dir(&top) else {
                 continue;
             };
@@ -86,7 +108,7 @@ impl RaplSource {
             subs.sort();
             for sub in subs {
                 if let Some(id) = zone_id(&sub, parent_socket) {
-                    zones.push(new_zone(sub, id));
+                    zones.push(new_zone(sub, id, die));
                 }
             }
         }
@@ -107,10 +129,19 @@ impl RaplSource {
         self.zones.iter().map(|z| z.id).collect()
     }
 
+    /// Zones read (mirrors of another die's counter left out).
+    pub fn counted_zones(&self) -> usize {
+        self.zones.iter().filter(|z| !z.mirror).count()
+    }
+
     /// Reads every zone. The first read of a zone only sets its baseline.
     pub fn read(&mut self) -> RaplReading {
+        let first = self.zones.iter().all(|z| z.last_uj.is_none());
         let mut reading = RaplReading::default();
         for zone in &mut self.zones {
+            if zone.mirror {
+                continue;
+            }
             let path = zone.dir.join("energy_uj");
             match read_u64(&path) {
                 Ok(now) => {
@@ -141,7 +172,49 @@ impl RaplSource {
                 }
             }
         }
+        if first {
+            self.mark_mirrored_dies();
+        }
         reading
+    }
+
+    /// Dies of one package whose package counters hold the same value (to
+    /// within what the time between two reads adds) repeat one counter:
+    /// two independent meters do not agree to 0.01% after running since
+    /// boot. Keeps the first die of each such package, with its children.
+    fn mark_mirrored_dies(&mut self) {
+        let packages: Vec<(u32, u32, u64)> = self
+            .zones
+            .iter()
+            .filter(|z| z.id.domain == Domain::Package)
+            .filter_map(|z| Some((z.id.index, z.die?, z.last_uj?)))
+            .collect();
+        let mut mirrored: Vec<(u32, u32)> = Vec::new();
+        for (socket, die, value) in &packages {
+            let first = packages
+                .iter()
+                .filter(|(s, _, _)| s == socket)
+                .min_by_key(|(_, d, _)| *d);
+            if let Some((_, first_die, first_value)) = first
+                && first_die != die
+                && first_value.abs_diff(*value) <= (first_value / 10_000).max(2_000_000)
+            {
+                mirrored.push((*socket, *die));
+            }
+        }
+        for zone in &mut self.zones {
+            if let Some(die) = zone.die
+                && mirrored.contains(&(zone.id.index, die))
+            {
+                zone.mirror = true;
+            }
+        }
+        if !mirrored.is_empty() {
+            tracing::info!(
+                dies = ?mirrored,
+                "RAPL: these dies repeat their package's counter (one counter per socket); counting it once"
+            );
+        }
     }
 
     pub fn health(&self) -> SourceHealth {
@@ -158,13 +231,15 @@ impl RaplSource {
     }
 }
 
-fn new_zone(dir: PathBuf, id: DomainId) -> Zone {
+fn new_zone(dir: PathBuf, id: DomainId, die: Option<u32>) -> Zone {
     // A missing range means the counter is not expected to wrap in our
     // lifetime; 0 disables wrap handling (a decrease is then an error).
     let max_range_uj = read_u64(&dir.join("max_energy_range_uj")).unwrap_or(0);
     Zone {
         dir,
         id,
+        die,
+        mirror: false,
         max_range_uj,
         last_uj: None,
         error: None,
@@ -334,6 +409,149 @@ pub(crate) mod tests {
         let reading = rapl.read();
         assert_eq!(reading.errors.len(), 1);
         assert!(reading.errors[0].1.to_string().contains("energy_uj"));
+    }
+
+    /// A captured powercap tree from `tests/fixtures/powercap`, copied so a
+    /// test can move its counters.
+    fn captured(machine: &str) -> tempfile::TempDir {
+        fn copy(from: &Path, to: &Path) {
+            std::fs::create_dir_all(to).unwrap();
+            for entry in std::fs::read_dir(from).unwrap().flatten() {
+                let target = to.join(entry.file_name());
+                if entry.file_type().unwrap().is_dir() {
+                    copy(&entry.path(), &target);
+                } else {
+                    std::fs::copy(entry.path(), target).unwrap();
+                }
+            }
+        }
+        let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/powercap")
+            .join(machine);
+        let dir = tempfile::tempdir().unwrap();
+        copy(&source, dir.path());
+        dir
+    }
+
+    fn advance(root: &Path, zone: &str, add_uj: u64) {
+        let dir = if zone.matches(':').count() == 2 {
+            root.join(zone.rsplit_once(':').unwrap().0).join(zone)
+        } else {
+            root.join(zone)
+        };
+        let now: u64 = std::fs::read_to_string(dir.join("energy_uj"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let range: u64 = std::fs::read_to_string(dir.join("max_energy_range_uj"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // Past the range the counter starts again from 0 (counter_delta's
+        // convention: the one energy unit of the step itself is below what
+        // a test can see).
+        let next = if now + add_uj > range {
+            now + add_uj - range
+        } else {
+            now + add_uj
+        };
+        std::fs::write(dir.join("energy_uj"), format!("{next}\n")).unwrap();
+    }
+
+    #[test]
+    fn captured_four_socket_server_with_core_and_dram() {
+        let dir = captured("four-socket-package-core-dram");
+        let root = dir.path();
+        let mut rapl = RaplSource::discover(root).unwrap().unwrap();
+        assert_eq!(rapl.domains().len(), 12);
+        rapl.read();
+        // Socket 2's core counter (64.87 kJ of a 65.53 kJ range) wraps.
+        advance(root, "intel-rapl:2", 120_000_000);
+        advance(root, "intel-rapl:2:0", 1_000_000_000);
+        advance(root, "intel-rapl:3:1", 7_000_000);
+        let reading = rapl.read();
+        assert!(reading.errors.is_empty(), "{:?}", reading.errors);
+        assert_eq!(joules(&reading, Domain::Package, 2), Some(120.0));
+        assert_eq!(joules(&reading, Domain::Core, 2), Some(1000.0));
+        assert_eq!(joules(&reading, Domain::Dram, 3), Some(7.0));
+        assert_eq!(joules(&reading, Domain::Package, 0), Some(0.0));
+    }
+
+    #[test]
+    fn captured_server_whose_zone_numbers_run_opposite_to_its_sockets() {
+        let dir = captured("four-socket-zones-in-reverse");
+        let root = dir.path();
+        let mut rapl = RaplSource::discover(root).unwrap().unwrap();
+        rapl.read();
+        // intel-rapl:0 is package-3, and its dram sub-zone is socket 3's.
+        advance(root, "intel-rapl:0", 80_000_000);
+        advance(root, "intel-rapl:0:0", 9_000_000);
+        let reading = rapl.read();
+        assert_eq!(joules(&reading, Domain::Package, 3), Some(80.0));
+        assert_eq!(joules(&reading, Domain::Dram, 3), Some(9.0));
+        assert_eq!(joules(&reading, Domain::Package, 0), Some(0.0));
+        assert_eq!(joules(&reading, Domain::Dram, 0), Some(0.0));
+    }
+
+    #[test]
+    fn captured_threadripper_counts_its_mirrored_dies_once() {
+        let dir = captured("threadripper-1950x-two-dies");
+        let root = dir.path();
+        let mut rapl = RaplSource::discover(root).unwrap().unwrap();
+        assert_eq!(rapl.domains().len(), 2, "both dies are package 0");
+        rapl.read();
+        assert_eq!(rapl.counted_zones(), 1, "die 1 repeats die 0's counter");
+        // The socket draws 166 W for 1 s; both dies show it.
+        advance(root, "intel-rapl:0", 166_000_000);
+        advance(root, "intel-rapl:1", 166_000_000);
+        let reading = rapl.read();
+        let package: f64 = reading
+            .energies
+            .iter()
+            .filter(|e| e.id.domain == Domain::Package)
+            .map(|e| e.joules)
+            .sum();
+        assert_eq!(package, 166.0);
+    }
+
+    #[test]
+    fn dies_with_counters_of_their_own_are_summed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        write_zone(
+            root,
+            "intel-rapl:0",
+            "package-0-die-0",
+            10_000_000_000,
+            1 << 40,
+        );
+        write_zone(
+            root,
+            "intel-rapl:1",
+            "package-0-die-1",
+            31_000_000_000,
+            1 << 40,
+        );
+        write_zone(root, "intel-rapl:1:0", "dram", 5_000_000, 1 << 40);
+        let mut rapl = RaplSource::discover(root).unwrap().unwrap();
+        rapl.read();
+        assert_eq!(rapl.counted_zones(), 3);
+        advance(root, "intel-rapl:0", 40_000_000);
+        advance(root, "intel-rapl:1", 60_000_000);
+        let reading = rapl.read();
+        let package: f64 = reading
+            .energies
+            .iter()
+            .filter(|e| e.id.domain == Domain::Package)
+            .map(|e| e.joules)
+            .sum();
+        assert_eq!(package, 100.0);
+        assert_eq!(joules(&reading, Domain::Dram, 0), Some(0.0));
+        assert_eq!(parse_package_name("package-0-die-1"), Some((0, Some(1))));
+        assert_eq!(parse_package_name("package-3"), Some((3, None)));
+        assert_eq!(parse_package_name("package-0-die-x"), None);
     }
 
     #[test]
