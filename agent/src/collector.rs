@@ -36,6 +36,10 @@ pub fn energy_options(config: &Config) -> EnergyOptions {
         hwmon: root(&config.hwmon_root, DEFAULT_HWMON_ROOT),
         thermal: root(&config.thermal_root, DEFAULT_THERMAL_ROOT),
         gpu: config.gpu,
+        // A quarter of the interval, within 50 ms..2 s: long enough for a
+        // healthy NVML call, short enough that the interval keeps its pace.
+        source_deadline: (config.interval / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(2)),
         model: ModelCoefficients {
             idle_watts_per_socket: config.model_idle_watts_per_socket,
             max_watts_per_socket: config.model_max_watts_per_socket,
@@ -210,6 +214,19 @@ impl Collector {
         let seconds = now.duration_since(self.last_energy_read).as_secs_f64();
         self.last_energy_read = now;
         seconds
+    }
+
+    /// How often the energy counters need a sample between intervals, when
+    /// the interval is longer than that.
+    pub fn counter_sample_period(&self) -> Option<Duration> {
+        self.energy
+            .counter_sample_period()
+            .filter(|period| *period < self.interval)
+    }
+
+    /// Samples the energy counters (between intervals).
+    pub fn sample_counters(&mut self) {
+        self.energy.sample_counters();
     }
 
     pub fn method(&self) -> Method {

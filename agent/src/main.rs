@@ -158,8 +158,19 @@ fn run(overrides: &Overrides) -> anyhow::Result<()> {
     };
 
     let mut next = Instant::now() + config.interval;
+    // With intervals longer than a counter takes to wrap twice, the
+    // counters are sampled in between.
+    let sample_every = collector.counter_sample_period();
+    if let Some(period) = sample_every {
+        info!(
+            "energy counters sampled every {} between intervals (they could wrap twice in one)",
+            humantime::format_duration(period)
+        );
+    }
+    let mut next_sample = sample_every.map(|period| Instant::now() + period);
     while !shutdown.is_cancelled() {
-        let deadline = tokio::time::Instant::from_std(next);
+        let wake = next_sample.map_or(next, |sample| sample.min(next));
+        let deadline = tokio::time::Instant::from_std(wake);
         let stop = runtime.block_on(async {
             tokio::select! {
                 () = shutdown.cancelled() => true,
@@ -169,7 +180,13 @@ fn run(overrides: &Overrides) -> anyhow::Result<()> {
         if stop {
             break;
         }
+        if wake < next {
+            collector.sample_counters();
+            next_sample = sample_every.map(|period| Instant::now() + period);
+            continue;
+        }
         collector.tick();
+        next_sample = sample_every.map(|period| Instant::now() + period);
         next += config.interval;
         // After a long stall (suspended VM, debugger) do not run a burst of
         // catch-up intervals.

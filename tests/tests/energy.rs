@@ -3,6 +3,7 @@
 //! machine (which has no RAPL). Needs root; run one at a time.
 
 use std::{
+    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -250,4 +251,66 @@ fn a_configured_energy_root_that_does_not_exist_is_an_error_naming_it() {
         stderr.contains("powercap_root") && stderr.contains("/nonexistent/powerlens/powercap"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_hung_temperature_sensor_is_reported_and_the_accounting_goes_on() {
+    if !require_root() {
+        return;
+    }
+    // A sensor whose read never returns (as drivetemp can while a disk spins
+    // up): a FIFO with no writer blocks open(2).
+    let root = tempfile::tempdir().expect("tempdir");
+    let chip = root.path().join("hwmon0");
+    std::fs::create_dir_all(&chip).expect("chip");
+    std::fs::write(chip.join("name"), "drivetemp\n").expect("name");
+    let fifo = std::ffi::CString::new(chip.join("temp1_input").as_os_str().as_encoded_bytes())
+        .expect("path");
+    // SAFETY: valid C string; plain syscall.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0, "mkfifo");
+    let agent = Agent::start(&[
+        "--method",
+        "ebpf",
+        "--hwmon-root",
+        root.path().to_str().expect("utf-8"),
+    ]);
+    let id = random_hex(64);
+    let cgroup = TestCgroup::create(&format!("system.slice/docker-{id}.scope"));
+    let _burner = spawn_in(Some(&cgroup), &workload_binary(), &["burn", "30"]);
+    let before = agent.sequence();
+    std::thread::sleep(Duration::from_secs(2));
+    let after = agent.sequence();
+    // 250 ms intervals: 8 in 2 s if nothing waits for the sensor; a hung
+    // read on the collector's thread would have stopped them all.
+    assert!(
+        after - before >= 5,
+        "{before} -> {after}: the intervals kept their pace"
+    );
+    let (_, health) = agent.get("/healthz");
+    let hwmon = health["sources"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "hwmon"))
+        .unwrap_or_else(|| panic!("no hwmon source in {health}"))
+        .clone();
+    eprintln!(
+        "hung sensor: {} intervals in 2 s; hwmon: {hwmon}",
+        after - before
+    );
+    assert_eq!(hwmon["status"], "failing", "{hwmon}");
+    let reason = hwmon["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("did not answer") || reason.contains("still busy"),
+        "{reason}"
+    );
+    let (_, container) = agent.get(&format!("/api/v1/containers/{id}"));
+    assert!(
+        f(&container, &["cpu_seconds"]) > 1.0,
+        "CPU accounting went on: {container}"
+    );
+    drop(agent);
+    // Let the worker's open(2) return, so nothing waits on the FIFO.
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(chip.join("temp1_input"));
 }

@@ -10,6 +10,7 @@ use super::{
     Domain, DomainEnergy, SourceHealth,
     gpu::{AmdGpuBackend, GpuDevice, GpuSource, NvmlBackend},
     model::{ModelCoefficients, ModelFit, PowerModel},
+    off_thread::OffThread,
     rapl::RaplSource,
     thermal::{Temperature, read_hwmon, read_thermal_zones},
 };
@@ -31,6 +32,9 @@ pub struct EnergyOptions {
     pub hwmon: SourceRoot,
     pub thermal: SourceRoot,
     pub gpu: bool,
+    /// How long a GPU or temperature read may take before it is reported
+    /// failing and skipped.
+    pub source_deadline: std::time::Duration,
     pub model: ModelCoefficients,
 }
 
@@ -53,8 +57,14 @@ pub struct EnergyInterval {
 pub struct EnergyCollector {
     rapl: Option<RaplSource>,
     rapl_health: SourceHealth,
-    gpu: Option<GpuSource>,
+    /// The GPU source, on a thread of its own (NVML calls can hang).
+    gpu: Option<(OffThread<GpuSource>, &'static str)>,
     gpu_health: SourceHealth,
+    /// hwmon and thermal reads, on a thread of their own (a sensor such as
+    /// drivetemp can block for seconds).
+    sensors: OffThread<()>,
+    /// How long a read on those threads may take.
+    deadline: std::time::Duration,
     hwmon_root: Option<PathBuf>,
     thermal_root: Option<PathBuf>,
     model: PowerModel,
@@ -154,11 +164,24 @@ impl EnergyCollector {
                 "no energy meter: estimating package power from CPU utilization (figures are marked `model`)"
             );
         }
+        let spawn_error = |error: std::io::Error| super::EnergyError::Io {
+            path: PathBuf::from("<thread>"),
+            source: error,
+        };
+        let gpu = match gpu {
+            Some(source) => {
+                let name = source.name();
+                Some((OffThread::spawn("gpu", source).map_err(spawn_error)?, name))
+            }
+            None => None,
+        };
         Ok(Self {
             rapl,
             rapl_health,
             gpu,
             gpu_health,
+            sensors: OffThread::spawn("sensors", ()).map_err(spawn_error)?,
+            deadline: options.source_deadline,
             hwmon_root,
             thermal_root,
             model: PowerModel::new(options.model),
@@ -173,6 +196,21 @@ impl EnergyCollector {
 
     pub fn metered(&self) -> bool {
         self.rapl.is_some()
+    }
+
+    /// How often the energy counters need a sample so none wraps twice
+    /// unseen (`None`: they do not wrap).
+    pub fn counter_sample_period(&self) -> Option<std::time::Duration> {
+        self.rapl.as_ref().and_then(RaplSource::sample_period)
+    }
+
+    /// Samples the energy counters between two reads (long intervals).
+    pub fn sample_counters(&mut self) {
+        if let Some(rapl) = &mut self.rapl {
+            for (path, error) in rapl.sample() {
+                warn!(file = %path.display(), "RAPL zone: {error}");
+            }
+        }
     }
 
     /// Reads every source for an interval of `seconds`, in which the CPUs
@@ -235,34 +273,62 @@ impl EnergyCollector {
                 "calibrated against RAPL; RAPL figures are reported",
             ));
 
-        if let Some(gpu) = &mut self.gpu {
-            match gpu.read(seconds) {
-                Ok(reading) => {
-                    self.gpu_health = SourceHealth::ok(gpu.name());
+        if let Some((gpu, name)) = &self.gpu {
+            // The energy of an interval whose read missed the deadline is
+            // not lost: the counters are cumulative, the next read has it.
+            match gpu.call(self.deadline, move |gpu| gpu.read(seconds)) {
+                Ok(Ok(reading)) => {
+                    self.gpu_health = SourceHealth::ok(*name);
                     interval.energies.extend(reading.energies);
                     interval.gpu_activity = reading.activity;
                     interval.gpus = reading.devices;
                 }
+                Ok(Err(error)) => {
+                    warn!("GPU source: {error}");
+                    self.gpu_health = SourceHealth::failing(*name, error.to_string());
+                }
                 Err(error) => {
                     warn!("GPU source: {error}");
-                    self.gpu_health = SourceHealth::failing(gpu.name(), error.to_string());
+                    self.gpu_health = SourceHealth::failing(*name, error.to_string());
                 }
             }
         }
         interval.health.push(self.gpu_health.clone());
 
-        interval.health.push(read_temperatures(
-            "hwmon",
-            self.hwmon_root.as_deref(),
-            read_hwmon,
-            &mut interval.temperatures,
-        ));
-        interval.health.push(read_temperatures(
-            "thermal",
-            self.thermal_root.as_deref(),
-            read_thermal_zones,
-            &mut interval.temperatures,
-        ));
+        let hwmon_root = self.hwmon_root.clone();
+        let thermal_root = self.thermal_root.clone();
+        let sensors = self.sensors.call(self.deadline, move |()| {
+            let mut temperatures = Vec::new();
+            let health = [
+                read_temperatures(
+                    "hwmon",
+                    hwmon_root.as_deref(),
+                    read_hwmon,
+                    &mut temperatures,
+                ),
+                read_temperatures(
+                    "thermal",
+                    thermal_root.as_deref(),
+                    read_thermal_zones,
+                    &mut temperatures,
+                ),
+            ];
+            (temperatures, health)
+        });
+        match sensors {
+            Ok((temperatures, health)) => {
+                interval.temperatures = temperatures;
+                interval.health.extend(health);
+            }
+            Err(error) => {
+                warn!("temperature sensors: {error}");
+                for name in ["hwmon", "thermal"] {
+                    interval
+                        .health
+                        .push(SourceHealth::failing(name, error.to_string()));
+                }
+            }
+        }
         interval.model_fits = self.model.fits();
         if metered {
             // Only a fit that can be an idle power; otherwise the learned
@@ -392,6 +458,7 @@ mod tests {
                 configured: false,
             },
             gpu: false,
+            source_deadline: std::time::Duration::from_secs(1),
             model: ModelCoefficients::default(),
         }
     }

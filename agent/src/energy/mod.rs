@@ -8,6 +8,7 @@ pub mod collector;
 pub mod counter;
 pub mod gpu;
 pub mod model;
+pub mod off_thread;
 pub mod rapl;
 pub mod thermal;
 

@@ -22,8 +22,17 @@ struct Zone {
     mirror: bool,
     max_range_uj: u64,
     last_uj: Option<u64>,
+    /// Energy counted by samples since the last `read` (µJ): samples between
+    /// reads keep a counter from wrapping twice unseen.
+    pending_uj: u64,
+    /// Whether a sample since the last `read` saw the counter.
+    pending: bool,
     error: Option<String>,
 }
+
+/// The most power one zone is assumed able to draw, for the sampling period
+/// that keeps its counter from wrapping twice between two samples.
+pub const MAX_ZONE_WATTS: f64 = 2_000.0;
 
 /// A reading of every zone: energies of the zones that could be read, and
 /// the errors of those that could not.
@@ -134,10 +143,23 @@ impl RaplSource {
         self.zones.iter().filter(|z| !z.mirror).count()
     }
 
-    /// Reads every zone. The first read of a zone only sets its baseline.
-    pub fn read(&mut self) -> RaplReading {
-        let first = self.zones.iter().all(|z| z.last_uj.is_none());
-        let mut reading = RaplReading::default();
+    /// How often the counters must be sampled so that none wraps twice
+    /// between samples, at `MAX_ZONE_WATTS`, with a factor of 2 to spare.
+    /// `None` when no counter wraps.
+    pub fn sample_period(&self) -> Option<std::time::Duration> {
+        self.zones
+            .iter()
+            .filter(|z| z.max_range_uj > 0)
+            .map(|z| z.max_range_uj as f64 / 1e6 / MAX_ZONE_WATTS / 2.0)
+            .min_by(f64::total_cmp)
+            .map(|seconds| std::time::Duration::from_secs_f64(seconds.max(0.1)))
+    }
+
+    /// Reads every counter and keeps what it grew by for the next `read`:
+    /// called between reads when the interval is longer than
+    /// `sample_period`. Errors show at the next `read`.
+    pub fn sample(&mut self) -> Vec<(PathBuf, EnergyError)> {
+        let mut errors = Vec::new();
         for zone in &mut self.zones {
             if zone.mirror {
                 continue;
@@ -147,13 +169,11 @@ impl RaplSource {
                 Ok(now) => {
                     if let Some(previous) = zone.last_uj {
                         match counter_delta(previous, now, zone.max_range_uj) {
-                            Some(delta) => reading.energies.push(DomainEnergy {
-                                id: zone.id,
-                                joules: delta as f64 / 1e6,
-                                method: EnergyMethod::Rapl,
-                                uncertainty_joules: None,
-                            }),
-                            None => reading.errors.push((
+                            Some(delta) => {
+                                zone.pending_uj += delta;
+                                zone.pending = true;
+                            }
+                            None => errors.push((
                                 path.clone(),
                                 EnergyError::Garbage {
                                     path: path.clone(),
@@ -168,9 +188,33 @@ impl RaplSource {
                 }
                 Err(error) => {
                     zone.error = Some(error.to_string());
-                    reading.errors.push((path, error));
+                    errors.push((path, error));
                 }
             }
+        }
+        errors
+    }
+
+    /// Reads every zone: the energy since the previous read, samples in
+    /// between included. The first read of a zone only sets its baseline.
+    pub fn read(&mut self) -> RaplReading {
+        let first = self.zones.iter().all(|z| z.last_uj.is_none());
+        let mut reading = RaplReading {
+            errors: self.sample(),
+            ..RaplReading::default()
+        };
+        for zone in &mut self.zones {
+            if zone.mirror || !zone.pending {
+                continue;
+            }
+            reading.energies.push(DomainEnergy {
+                id: zone.id,
+                joules: zone.pending_uj as f64 / 1e6,
+                method: EnergyMethod::Rapl,
+                uncertainty_joules: None,
+            });
+            zone.pending_uj = 0;
+            zone.pending = false;
         }
         if first {
             self.mark_mirrored_dies();
@@ -242,6 +286,8 @@ fn new_zone(dir: PathBuf, id: DomainId, die: Option<u32>) -> Zone {
         mirror: false,
         max_range_uj,
         last_uj: None,
+        pending_uj: 0,
+        pending: false,
         error: None,
     }
 }
@@ -453,7 +499,7 @@ pub(crate) mod tests {
         // convention: the one energy unit of the step itself is below what
         // a test can see).
         let next = if now + add_uj > range {
-            now + add_uj - range
+            (now + add_uj) % range
         } else {
             now + add_uj
         };
@@ -552,6 +598,32 @@ pub(crate) mod tests {
         assert_eq!(parse_package_name("package-0-die-1"), Some((0, Some(1))));
         assert_eq!(parse_package_name("package-3"), Some((3, None)));
         assert_eq!(parse_package_name("package-0-die-x"), None);
+    }
+
+    #[test]
+    fn samples_between_reads_catch_every_wrap() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        // A 262 kJ counter: at 2 kW it wraps in 131 s; sampled every 65 s.
+        write_zone(root, "intel-rapl:0", "package-0", 0, 262_143_328_850);
+        let mut rapl = RaplSource::discover(root).unwrap().unwrap();
+        let period = rapl.sample_period().unwrap();
+        assert!((period.as_secs_f64() - 65.5).abs() < 0.1, "{period:?}");
+        rapl.read();
+        // An hour at 300 W is 1,080 kJ: four wraps. Sampled every minute,
+        // each step is 18 kJ, and nothing is lost.
+        for _ in 0..60 {
+            advance(root, "intel-rapl:0", 18_000_000_000);
+            assert!(rapl.sample().is_empty());
+        }
+        let reading = rapl.read();
+        let hour = joules(&reading, Domain::Package, 0).unwrap();
+        assert!((hour - 1_080_000.0).abs() < 1.0, "{hour}");
+        // Without samples, the same hour would read as what is left after
+        // the wraps (under one range): the reason for sampling.
+        advance(root, "intel-rapl:0", 18_000_000_000 * 60);
+        let unsampled = joules(&rapl.read(), Domain::Package, 0).unwrap();
+        assert!(unsampled < 262_144.0, "{unsampled}");
     }
 
     #[test]

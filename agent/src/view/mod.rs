@@ -294,7 +294,13 @@ impl Health {
             generated_at: snapshot.generated_at,
             started_at: snapshot.started_at,
             interval_seconds: snapshot.interval.as_secs_f64(),
-            sources: snapshot.sources.clone(),
+            // Every input: the CPU source's and the energy sources'.
+            sources: snapshot
+                .sources
+                .iter()
+                .chain(&snapshot.energy.sources)
+                .cloned()
+                .collect(),
             losses: figures.agent.losses.clone(),
             read_errors: snapshot.read_errors,
             agent: figures.agent.clone(),
