@@ -116,7 +116,13 @@ pub fn select_source(
             match EbpfCpuSource::load(&options, topology.clone()) {
                 Ok(source) => Ok((Box::new(source), vec![ok("cpu:ebpf")])),
                 Err(error) if config.method == MethodChoice::Auto => {
-                    let reason = error_chain(&error);
+                    let release =
+                        std::fs::read_to_string(config.procfs_root.join("sys/kernel/osrelease"))
+                            .unwrap_or_default();
+                    let reason = match crate::ebpf::below_kernel_floor(release.trim()) {
+                        Some(note) => format!("{note}: {}", error_chain(&error)),
+                        None => error_chain(&error),
+                    };
                     warn!(
                         "kernel programs could not be loaded, falling back to procfs sampling: {reason}"
                     );

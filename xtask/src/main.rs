@@ -44,9 +44,47 @@ enum Task {
 
 const LLVM_MAJOR: u32 = 22;
 const BPF_LINKER_VERSION: &str = "0.13";
-const APT_PACKAGES: [&str; 3] = ["llvm-22-dev", "libpolly-22-dev", "libzstd-dev"];
-/// Real peers for the export tests: the Prometheus server and promtool.
-const TEST_PEER_PACKAGES: [&str; 1] = ["prometheus"];
+/// Debian packages, each with a file that shows it is installed.
+const APT_PACKAGES: [(&str, &str); 10] = [
+    // bpf-linker's LLVM.
+    ("llvm-22-dev", "/usr/lib/llvm-22/bin/llvm-config"),
+    ("libpolly-22-dev", "/usr/lib/llvm-22/lib/libPolly.a"),
+    ("libzstd-dev", "/usr/include/zstd.h"),
+    // Real peers for the export tests: the Prometheus server and promtool.
+    ("prometheus", "/usr/bin/promtool"),
+    // Booting other kernels for the kernel-floor test.
+    ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
+    ("busybox-static", "/bin/busybox"),
+    ("cpio", "/usr/bin/cpio"),
+    // Building the agent for arm64.
+    ("gcc-aarch64-linux-gnu", "/usr/bin/aarch64-linux-gnu-gcc"),
+    (
+        "libc6-dev-arm64-cross",
+        "/usr/aarch64-linux-gnu/include/stdio.h",
+    ),
+    ("xz-utils", "/usr/bin/xz"),
+];
+/// The arm64 target the agent is also built for.
+const ARM64_TARGET: &str = "aarch64-unknown-linux-gnu";
+/// Kernels the kernel-floor test boots: (package index, package name
+/// pattern, what it stands for). The newest matching package is taken.
+const TEST_KERNELS: [(&str, &str, &str); 3] = [
+    (
+        "http://deb.debian.org/debian/dists/bookworm/main/binary-amd64/Packages.xz",
+        "linux-image-6.1.0-*-cloud-amd64-unsigned",
+        "Debian 12's 6.1",
+    ),
+    (
+        "http://archive.ubuntu.com/ubuntu/dists/jammy-updates/main/binary-amd64/Packages.xz",
+        "linux-image-5.15.0-*-generic",
+        "Ubuntu 22.04's 5.15 (older than 5.18: no prev_state argument)",
+    ),
+    (
+        "http://deb.debian.org/debian/dists/bullseye/main/binary-amd64/Packages.xz",
+        "linux-image-5.10.0-*-cloud-amd64-unsigned",
+        "Debian 11's 5.10 (below the 5.12 floor: the agent must fall back)",
+    ),
+];
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -85,6 +123,19 @@ fn main() -> anyhow::Result<()> {
                     "integration-tests",
                 ],
             )?;
+            // The agent and its kernel programs for arm64 (Graviton, Ampere).
+            let status = Command::new(cargo_binary())
+                .args(["build", "--package", "agent", "--target", ARM64_TARGET])
+                .env(
+                    "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
+                    "aarch64-linux-gnu-gcc",
+                )
+                .current_dir(&root)
+                .status()
+                .context("building for arm64")?;
+            if !status.success() {
+                bail!("building the agent for {ARM64_TARGET} failed");
+            }
             if unit_only {
                 return Ok(());
             }
@@ -257,45 +308,23 @@ fn run_step(
 /// toolchain with rust-src, and bpf-linker built against LLVM 22. Each
 /// check is a quick command, so a machine that has everything pays ~0.1 s.
 fn setup() -> anyhow::Result<()> {
-    // 1. LLVM for bpf-linker.
-    let llvm_config = format!("/usr/lib/llvm-{LLVM_MAJOR}/bin/llvm-config");
-    let llvm_present = Path::new(&llvm_config).exists()
-        && Path::new(&format!("/usr/lib/llvm-{LLVM_MAJOR}/lib/libPolly.a")).exists()
-        && Path::new("/usr/include/zstd.h").exists();
-    if !llvm_present {
+    // 1. Debian packages: LLVM for bpf-linker, the tests' peers, QEMU and
+    //    busybox for the kernel-floor test, the arm64 cross toolchain.
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .filter(|(_, marker)| !Path::new(marker).exists())
+        .map(|(package, _)| *package)
+        .collect();
+    if !missing.is_empty() {
         if is_root() && Path::new("/usr/bin/apt-get").exists() {
             run_step("refreshing package lists", "apt-get", &["update"], None)?;
             let mut args = vec!["install", "-y", "--no-install-recommends"];
-            args.extend(APT_PACKAGES);
-            run_step("installing LLVM 22", "apt-get", &args, None)?;
+            args.extend(&missing);
+            run_step("installing Debian packages", "apt-get", &args, None)?;
         } else {
             bail!(
-                "LLVM {LLVM_MAJOR} development files are missing. Install them with:\n  sudo apt-get update && sudo apt-get install -y {}",
-                APT_PACKAGES.join(" ")
-            );
-        }
-    }
-
-    // 1b. Peers the tests run against (Debian's prometheus: server + promtool).
-    let peers_present =
-        Path::new("/usr/bin/prometheus").exists() && Path::new("/usr/bin/promtool").exists();
-    if !peers_present {
-        if is_root() && Path::new("/usr/bin/apt-get").exists() {
-            if llvm_present {
-                run_step("refreshing package lists", "apt-get", &["update"], None)?;
-            }
-            let mut args = vec!["install", "-y", "--no-install-recommends"];
-            args.extend(TEST_PEER_PACKAGES);
-            run_step(
-                "installing the test peers (prometheus, promtool)",
-                "apt-get",
-                &args,
-                None,
-            )?;
-        } else {
-            bail!(
-                "the export tests need Debian's prometheus package. Install it with:\n  sudo apt-get update && sudo apt-get install -y {}",
-                TEST_PEER_PACKAGES.join(" ")
+                "missing Debian packages. Install them with:\n  sudo apt-get update && sudo apt-get install -y {}",
+                missing.join(" ")
             );
         }
     }
@@ -332,6 +361,17 @@ fn setup() -> anyhow::Result<()> {
         )?;
     }
 
+    // 2b. The arm64 standard library, to build the agent for arm64.
+    let targets = output_of("rustup", &["target", "list", "--installed"]).unwrap_or_default();
+    if !targets.lines().any(|l| l.trim() == ARM64_TARGET) {
+        run_step(
+            "adding the arm64 target",
+            "rustup",
+            &["target", "add", ARM64_TARGET],
+            None,
+        )?;
+    }
+
     // 3. bpf-linker for LLVM 22.
     let linker_version = output_of("bpf-linker", &["--version"]).unwrap_or_default();
     if !linker_version.contains(&format!(" {BPF_LINKER_VERSION}.")) {
@@ -351,6 +391,82 @@ fn setup() -> anyhow::Result<()> {
             ],
             Some(&format!("/usr/lib/llvm-{LLVM_MAJOR}/bin")),
         )?;
+    }
+
+    // 4. Kernels for the kernel-floor test (a download that fails is a
+    //    warning: that test then says it skipped).
+    fetch_test_kernels(&workspace_root().join("target/kernels"));
+    Ok(())
+}
+
+/// Downloads the newest package of each of `TEST_KERNELS` and keeps its
+/// `vmlinuz` in `dir`, unless one is there already.
+fn fetch_test_kernels(dir: &Path) {
+    if let Err(error) = std::fs::create_dir_all(dir) {
+        eprintln!("setup: warning: {}: {error}", dir.display());
+        return;
+    }
+    for (index, pattern, what) in TEST_KERNELS {
+        let stem = pattern.trim_start_matches("linux-image-");
+        let (prefix, suffix) = stem.split_once('*').unwrap_or((stem, ""));
+        let present = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|entry| {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                name.strip_prefix("vmlinuz-").is_some_and(|v| {
+                    v.starts_with(prefix) && v.ends_with(suffix.trim_end_matches("-unsigned"))
+                })
+            });
+        if present {
+            continue;
+        }
+        eprintln!("setup: fetching {what}");
+        if let Err(error) = fetch_kernel(dir, index, prefix, suffix) {
+            eprintln!("setup: warning: could not fetch {what}: {error:#}");
+        }
+    }
+}
+
+fn fetch_kernel(dir: &Path, index: &str, prefix: &str, suffix: &str) -> anyhow::Result<()> {
+    let packages = Command::new("sh")
+        .arg("-c")
+        .arg(format!("curl -fsSL '{index}' | xz -d"))
+        .output()
+        .context("fetching the package index")?;
+    if !packages.status.success() {
+        bail!("fetching {index} failed");
+    }
+    let text = String::from_utf8_lossy(&packages.stdout);
+    let base = index.split("/dists/").next().unwrap_or(index);
+    let mut newest: Option<(u32, String)> = None;
+    let mut current: Option<u32> = None;
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix("Package: linux-image-") {
+            current = name
+                .strip_prefix(prefix)
+                .and_then(|rest| rest.strip_suffix(suffix))
+                .and_then(|abi| abi.parse().ok());
+        } else if let Some(file) = line.strip_prefix("Filename: ")
+            && let Some(abi) = current.take()
+            && newest.as_ref().is_none_or(|(best, _)| abi > *best)
+        {
+            newest = Some((abi, file.to_owned()));
+        }
+    }
+    let (_, file) = newest.context("no matching package in the index")?;
+    let url = format!("{base}/{file}");
+    let work = dir.join("download");
+    std::fs::create_dir_all(&work)?;
+    let script = format!(
+        "set -e; cd '{work}'; curl -fsSL -o kernel.deb '{url}'; rm -rf x; mkdir x; dpkg-deb -x kernel.deb x; cp x/boot/vmlinuz-* '{dir}/'; rm -rf x kernel.deb",
+        work = work.display(),
+        dir = dir.display()
+    );
+    let status = Command::new("sh").arg("-c").arg(&script).status()?;
+    if !status.success() {
+        bail!("downloading or unpacking {url} failed");
     }
     Ok(())
 }

@@ -75,6 +75,28 @@ pub enum EbpfLoadError {
     ChildPidNamespace,
 }
 
+/// The oldest kernel the programs load on: task storage for tracing
+/// programs arrived in 5.11, BPF compare-and-exchange in 5.12. (Verified by
+/// booting Ubuntu 22.04's 5.15 and Debian 12's 6.1, and Debian 11's 5.10
+/// below it: `tests/tests/kernels.rs`.)
+pub const KERNEL_FLOOR: (u32, u32) = (5, 12);
+
+/// When `release` (as `uname -r` prints it) is older than the floor, a
+/// sentence that says so, to put before the loader's own error.
+pub fn below_kernel_floor(release: &str) -> Option<String> {
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|part| !part.is_empty())
+        .map(|part| part.parse::<u32>().ok());
+    let version = (numbers.next()??, numbers.next()??);
+    (version < KERNEL_FLOOR).then(|| {
+        format!(
+            "Linux {release} is older than {}.{}, the oldest kernel powerlens's programs run on (task storage for tracing programs: 5.11; BPF compare-and-exchange: 5.12)",
+            KERNEL_FLOOR.0, KERNEL_FLOOR.1
+        )
+    })
+}
+
 /// Reads the offsets the programs need from the kernel's BTF.
 pub fn kernel_offsets(btf: &btf::Btf) -> Result<KernelOffsets, btf::BtfError> {
     let task = |path: &[&str]| btf.member_offset("task_struct", path);
@@ -793,6 +815,19 @@ mod tests {
         let mut out = Vec::new();
         assert!(read_in_chunks(&mut reader, &mut out, 1024).is_err());
         assert_eq!(out, vec![7; 240], "what was read before the error stays");
+    }
+
+    #[test]
+    fn kernels_below_the_floor_are_named() {
+        assert!(
+            below_kernel_floor("5.10.0-32-cloud-amd64")
+                .unwrap()
+                .contains("older than 5.12")
+        );
+        assert_eq!(below_kernel_floor("5.15.0-204-generic"), None);
+        assert_eq!(below_kernel_floor("6.18.0"), None);
+        assert!(below_kernel_floor("4.18.0-553.el8_10.x86_64").is_some());
+        assert_eq!(below_kernel_floor("garbage"), None);
     }
 
     #[test]
