@@ -159,66 +159,50 @@ fn every_process_of_a_crowd_and_of_a_4000_thread_process_matches_its_schedstat()
         &["nice", "19", "threads", "4000", "120"],
     );
     std::thread::sleep(Duration::from_secs(20));
-    let pids = cgroup.pids();
-    for pid in &pids {
-        // SAFETY: plain kill syscall on our own test processes.
-        unsafe { libc::kill(*pid, libc::SIGSTOP) };
-    }
-    std::thread::sleep(Duration::from_millis(200));
-    agent.wait_intervals(3);
-
-    let (status, processes) = agent.get(&format!(
-        "/api/v1/processes?container={container_id}&limit=100000"
-    ));
-    assert_eq!(status, 200, "{processes}");
-    let mut worst = (0.0f64, 0u32, 0.0, 0.0);
-    let mut off = Vec::new();
-    let (mut ours_sum, mut kernel_sum) = (0.0, 0.0);
-    for pid in &pids {
-        let pid = *pid as u32;
-        let kernel = process_schedstat_ns(pid) as f64 / 1e9;
-        let ours = find_process(&processes, pid)["cpu_seconds"]
-            .as_f64()
-            .expect("cpu_seconds");
-        ours_sum += ours;
-        kernel_sum += kernel;
-        let error = relative_error(ours, kernel);
-        if error > worst.0 {
-            worst = (error, pid, ours, kernel);
-        }
-        // 1%: the bar. Both figures come from the same
-        // sum_exec_runtime, so anything above rounding is a lost or
-        // doubled slice.
-        if error > 0.01 {
-            off.push(format!("pid {pid}: {ours:.6} s vs {kernel:.6} s"));
-        }
-    }
+    let (off, worst, count) = compare_every_process_with_schedstat(&agent, &cgroup, &container_id);
     let (_, health) = agent.get("/healthz");
     eprintln!(
-        "{} processes ({} threads in pid {}): worst {:.4}% (pid {}: powerlens {:.6} s, schedstat {:.6} s); sums {ours_sum:.3} s vs {kernel_sum:.3} s; losses {}",
-        pids.len(),
-        4000,
+        "{count} processes (4000 threads in pid {}): worst {:.4}%; losses {}",
         threads.pid(),
-        worst.0 * 100.0,
-        worst.1,
-        worst.2,
-        worst.3,
+        worst * 100.0,
         health["losses"]
     );
-    assert_eq!(pids.len(), 1002, "the crowd, its parent and the threads");
+    assert_eq!(count, 1002, "the crowd, its parent and the threads");
     assert!(
         off.is_empty(),
-        "{} of {} processes off by more than 1%: {:?}",
+        "{} of {count} processes off by more than 1%: {:?}",
         off.len(),
-        pids.len(),
         &off[..off.len().min(10)]
     );
+    let (_, container) = agent.get(&format!("/api/v1/containers/{container_id}"));
+    let total = container["cpu_seconds"].as_f64().expect("cpu_seconds");
     assert!(
-        kernel_sum > 20.0,
-        "two CPUs for 20 s should give the crowd > 20 s, got {kernel_sum}"
+        total > 20.0,
+        "two CPUs for 20 s should give the crowd > 20 s, got {total}"
     );
     drop(threads);
     drop(crowd);
+}
+
+/// Runs `count` children one after another in `cgroup`, each burning
+/// `millis` of CPU, and returns the children's CPU seconds and the
+/// parent's own (getrusage).
+fn run_short_lived(cgroup: &TestCgroup, count: u32, millis: u32) -> (f64, f64) {
+    let parent = spawn_in(
+        Some(cgroup),
+        &workload_binary(),
+        &["short", &count.to_string(), &millis.to_string()],
+    );
+    let output = parent.wait_output();
+    let field = |name: &str| -> f64 {
+        output
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in {output:?}"))
+            / 1e9
+    };
+    (field("children_ns"), field("self_ns"))
 }
 
 /// Stops every process of `cgroup`, lets the agent drain their last
@@ -307,18 +291,7 @@ fn a_full_exited_map_is_counted_and_nothing_else_is_lost() {
     let agent = Agent::start(&["--method", "ebpf", "--exited-map-capacity", "4"]);
     let container_id = random_hex(64);
     let cgroup = TestCgroup::create(&format!("system.slice/docker-{container_id}.scope"));
-    let parent = spawn_in(Some(&cgroup), &workload_binary(), &["short", "300", "2"]);
-    let output = parent.wait_output();
-    let field = |name: &str| -> f64 {
-        output
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("no {name} in {output:?}"))
-            / 1e9
-    };
-    let children = field("children_ns");
-    let parent_self = field("self_ns");
+    let (children, parent_self) = run_short_lived(&cgroup, 300, 2);
     agent.wait_intervals(3);
     let (_, container) = agent.get(&format!("/api/v1/containers/{container_id}"));
     let ours = container["cpu_seconds"].as_f64().expect("cpu_seconds");
@@ -419,18 +392,7 @@ fn a_thousand_short_lived_processes_are_all_counted() {
     let agent = Agent::start(&["--method", "ebpf"]);
     let container_id = random_hex(64);
     let cgroup = TestCgroup::create(&format!("system.slice/docker-{container_id}.scope"));
-    let parent = spawn_in(Some(&cgroup), &workload_binary(), &["short", "1000", "3"]);
-    let output = parent.wait_output();
-    let field = |name: &str| -> f64 {
-        output
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("no {name} in {output:?}"))
-            / 1e9
-    };
-    let children = field("children_ns");
-    let parent_self = field("self_ns");
+    let (children, parent_self) = run_short_lived(&cgroup, 1000, 3);
     agent.wait_intervals(3);
 
     let (status, container) = agent.get(&format!("/api/v1/containers/{container_id}"));
