@@ -205,6 +205,33 @@ fn run_short_lived(cgroup: &TestCgroup, count: u32, millis: u32) -> (f64, f64) {
     (field("children_ns"), field("self_ns"))
 }
 
+/// Waits until every thread of `pids` is stopped (state `T`).
+fn wait_until_stopped(pids: &[i32], timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    let all_stopped = || {
+        pids.iter().all(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .all(|task| {
+                    std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+                        stat.rsplit_once(')')
+                            .and_then(|(_, rest)| rest.split_whitespace().next())
+                            .is_some_and(|state| state == "T" || state == "t")
+                    })
+                })
+        })
+    };
+    while !all_stopped() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the test's processes did not all stop within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Stops every process of `cgroup`, lets the agent drain their last
 /// slices, and returns (processes off by more than 1%, the worst error).
 fn compare_every_process_with_schedstat(
@@ -217,7 +244,10 @@ fn compare_every_process_with_schedstat(
         // SAFETY: plain kill syscall on our own test processes.
         unsafe { libc::kill(*pid, libc::SIGSTOP) };
     }
-    std::thread::sleep(Duration::from_millis(200));
+    // Each thread stops when it next runs: 5,000 nice-19 threads on two
+    // CPUs can take seconds to all get there. Compare only once every
+    // thread is stopped, and the agent has read after that.
+    wait_until_stopped(&pids, Duration::from_secs(60));
     agent.wait_intervals(3);
     let (status, processes) = agent.get(&format!(
         "/api/v1/processes?container={container_id}&limit=100000"
