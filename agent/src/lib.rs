@@ -12,6 +12,7 @@ pub mod auth;
 pub mod cgroup;
 pub mod collector;
 pub mod config;
+pub mod controller;
 pub mod cpu;
 pub mod ebpf;
 pub mod energy;

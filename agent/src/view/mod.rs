@@ -7,7 +7,7 @@
 //! view, and a client can read it back into the same types.
 
 mod build;
-mod time_text;
+pub(crate) mod time_text;
 
 use std::{collections::BTreeMap, time::SystemTime};
 

@@ -1,0 +1,308 @@
+//! The controller against a simulated plant behind the same actuator trait:
+//! containers whose power follows the CPU they are allowed, a socket whose
+//! power is capped by its RAPL limit.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use super::{
+    actuators::{ActuatorError, PackageZone},
+    *,
+};
+
+const WATTS_PER_CORE: f64 = 20.0;
+const BASE_WATTS: f64 = 60.0;
+const PERIOD: u64 = 100_000;
+
+/// The plant: limits written by the controller, and what they do to power.
+#[derive(Default)]
+struct Plant {
+    limits: HashMap<Target, Limit>,
+    /// Cgroup → (class, CPU demand).
+    demand: Vec<(String, ThrottleClass, f64)>,
+    fail_writes: bool,
+    writes: u32,
+}
+
+#[derive(Clone)]
+struct PlantHandle(Arc<Mutex<Plant>>);
+
+impl Actuator for PlantHandle {
+    fn read(&self, target: &Target) -> Result<Limit, ActuatorError> {
+        let plant = self.0.lock().unwrap();
+        Ok(plant.limits.get(target).cloned().unwrap_or(match target {
+            Target::CpuBandwidth { .. } => Limit::CpuBandwidth {
+                quota_us: None,
+                period_us: PERIOD,
+            },
+            Target::RaplPackage { .. } => Limit::PowerCap {
+                limit_uw: 250_000_000,
+                enabled: false,
+            },
+        }))
+    }
+
+    fn write(&mut self, target: &Target, limit: &Limit) -> Result<(), ActuatorError> {
+        let mut plant = self.0.lock().unwrap();
+        if plant.fail_writes {
+            return Err(ActuatorError::Io {
+                path: "/sys/fs/cgroup/read-only/cpu.max".into(),
+                source: std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+            });
+        }
+        plant.writes += 1;
+        plant.limits.insert(target.clone(), limit.clone());
+        Ok(())
+    }
+}
+
+fn package() -> Target {
+    Target::RaplPackage {
+        zone: "intel-rapl:0".into(),
+        socket: 0,
+    }
+}
+
+impl PlantHandle {
+    fn new(demand: &[(&str, ThrottleClass, f64)]) -> Self {
+        Self(Arc::new(Mutex::new(Plant {
+            demand: demand
+                .iter()
+                .map(|(cgroup, class, cores)| ((*cgroup).to_owned(), *class, *cores))
+                .collect(),
+            ..Plant::default()
+        })))
+    }
+
+    /// One interval of the plant under the limits in force.
+    fn observe(&self, sequence: u64) -> Observation {
+        let plant = self.0.lock().unwrap();
+        let mut containers = Vec::new();
+        let mut watts = BASE_WATTS;
+        for (cgroup, class, demand) in &plant.demand {
+            let target = Target::CpuBandwidth {
+                cgroup: cgroup.clone(),
+            };
+            let allowed = match plant.limits.get(&target) {
+                Some(Limit::CpuBandwidth {
+                    quota_us: Some(quota),
+                    period_us,
+                }) => *quota as f64 / *period_us as f64,
+                _ => f64::INFINITY,
+            };
+            let cores = demand.min(allowed);
+            watts += cores * WATTS_PER_CORE;
+            containers.push(ContainerObservation {
+                cgroup: cgroup.clone(),
+                class: *class,
+                watts: cores * WATTS_PER_CORE,
+                cores,
+            });
+        }
+        if let Some(Limit::PowerCap {
+            limit_uw,
+            enabled: true,
+        }) = plant.limits.get(&package())
+        {
+            watts = watts.min(*limit_uw as f64 / 1e6);
+        }
+        Observation {
+            sequence,
+            node_watts: Some(watts),
+            containers,
+            package_watts: BTreeMap::from([(0, watts)]),
+        }
+    }
+
+    fn cores_allowed(&self, cgroup: &str) -> Option<f64> {
+        match self.0.lock().unwrap().limits.get(&Target::CpuBandwidth {
+            cgroup: cgroup.into(),
+        }) {
+            Some(Limit::CpuBandwidth {
+                quota_us: Some(q),
+                period_us,
+            }) => Some(*q as f64 / *period_us as f64),
+            _ => None,
+        }
+    }
+}
+
+fn controller(plant: &PlantHandle, mode: Mode, budget: f64, state: &std::path::Path) -> Controller {
+    Controller::new(
+        ControllerSettings {
+            mode,
+            budget_watts: Some(budget),
+            state_file: state.to_owned(),
+            ..ControllerSettings::default()
+        },
+        Box::new(plant.clone()),
+        vec![PackageZone {
+            target: package(),
+            socket: 0,
+            max_watts: Some(250.0),
+            min_watts: Some(40.0),
+        }],
+        4,
+    )
+    .unwrap()
+}
+
+const DEMAND: [(&str, ThrottleClass, f64); 3] = [
+    (
+        "/kubepods/besteffort/pod1/a",
+        ThrottleClass::Besteffort,
+        2.0,
+    ),
+    ("/kubepods/burstable/pod2/b", ThrottleClass::Burstable, 1.0),
+    ("/kubepods/pod3/g", ThrottleClass::Guaranteed, 1.0),
+];
+
+/// Runs `intervals` and returns the node power of each.
+fn run(controller: &mut Controller, plant: &PlantHandle, from: u64, intervals: u64) -> Vec<f64> {
+    (from..from + intervals)
+        .map(|sequence| {
+            let observation = plant.observe(sequence);
+            controller.step(&observation);
+            observation.node_watts.unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn settles_under_the_budget_by_squeezing_besteffort_first_and_releases_when_it_rises() {
+    let dir = tempfile::tempdir().unwrap();
+    let plant = PlantHandle::new(&DEMAND);
+    // 60 + 4 × 20 = 140 W of demand; a budget of 110 W.
+    let mut controller = controller(&plant, Mode::Enforce, 110.0, &dir.path().join("state.json"));
+    let power = run(&mut controller, &plant, 1, 30);
+    let settled = power.iter().position(|w| *w <= 110.0).expect("settles");
+    let overshoot = power[settled..]
+        .iter()
+        .fold(0.0f64, |m, w| m.max(w - 110.0));
+    let last = &power[20..];
+    let spread =
+        last.iter().fold(f64::MIN, |m, w| m.max(*w)) - last.iter().fold(f64::MAX, |m, w| m.min(*w));
+    eprintln!(
+        "budget 110 W from 140 W: at or under it after {} intervals, over it after that by {overshoot:.2} W at most, last 10 intervals spread {spread:.3} W, final {:.2} W",
+        settled + 1,
+        power[29]
+    );
+    assert!(settled < 6, "settles within 6 intervals: {power:?}");
+    assert!(overshoot <= 0.0, "never over the budget again: {power:?}");
+    assert!(spread < 0.5, "no oscillation: {last:?}");
+    assert!(power[29] <= 110.0 && power[29] >= 110.0 * 0.96, "{power:?}");
+    // BestEffort alone gave the 30 W (1.5 of its 2 CPUs); Guaranteed and
+    // Burstable keep their speed.
+    let besteffort = plant.cores_allowed(DEMAND[0].0).expect("throttled");
+    assert!((0.4..0.6).contains(&besteffort), "{besteffort}");
+    assert_eq!(plant.cores_allowed(DEMAND[1].0), None);
+    assert_eq!(plant.cores_allowed(DEMAND[2].0), None);
+    assert!(dir.path().join("state.json").exists(), "originals on disk");
+
+    // Tighter: 75 W means BestEffort to the floor and Burstable squeezed.
+    controller.settings.budget_watts = Some(75.0);
+    let power = run(&mut controller, &plant, 31, 30);
+    eprintln!("budget 75 W: final {:.2} W", power[29]);
+    assert!(power[29] <= 75.0, "{power:?}");
+    assert!(plant.cores_allowed(DEMAND[0].0).unwrap() <= 0.06);
+    assert!(plant.cores_allowed(DEMAND[1].0).is_some());
+    assert_eq!(
+        plant.cores_allowed(DEMAND[2].0),
+        None,
+        "Guaranteed is never throttled"
+    );
+
+    // Below what containers can give (60 W base + Guaranteed's 20 W): the
+    // socket's cap comes down too.
+    controller.settings.budget_watts = Some(70.0);
+    let power = run(&mut controller, &plant, 61, 30);
+    eprintln!("budget 70 W: final {:.2} W", power[29]);
+    assert!(power[29] <= 70.0, "{power:?}");
+    assert!(matches!(
+        plant.0.lock().unwrap().limits.get(&package()),
+        Some(Limit::PowerCap { enabled: true, .. })
+    ));
+
+    // Room again: everything goes back to its original, device cap first.
+    controller.settings.budget_watts = Some(200.0);
+    let power = run(&mut controller, &plant, 91, 40);
+    eprintln!("budget 200 W: final {:.2} W", power[39]);
+    assert!((power[39] - 140.0).abs() < 1e-6, "{power:?}");
+    assert!(
+        controller.status().targets.is_empty(),
+        "{:?}",
+        controller.status()
+    );
+    assert!(
+        !dir.path().join("state.json").exists(),
+        "nothing left to restore"
+    );
+}
+
+#[test]
+fn observe_mode_decides_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let plant = PlantHandle::new(&DEMAND);
+    let mut controller = controller(&plant, Mode::Observe, 110.0, &dir.path().join("state.json"));
+    run(&mut controller, &plant, 1, 5);
+    assert_eq!(plant.0.lock().unwrap().writes, 0);
+    let status = controller.status();
+    assert!(!status.decisions.is_empty());
+    assert!(status.decisions.iter().all(|d| !d.applied));
+    assert_eq!(status.headroom_watts, Some(110.0 - 140.0));
+    assert!(!dir.path().join("state.json").exists());
+}
+
+#[test]
+fn after_a_kill_the_next_start_restores_every_original_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let plant = PlantHandle::new(&DEMAND);
+    let mut first = controller(&plant, Mode::Enforce, 70.0, &state);
+    run(&mut first, &plant, 1, 30);
+    assert!(!plant.0.lock().unwrap().limits.is_empty());
+    // kill -9: no restore_all, the process is simply gone.
+    std::mem::forget(first);
+    // The next start, before any step: the plant is back as it was.
+    let _second = controller(&plant, Mode::Enforce, 70.0, &state);
+    let plant_now = plant.0.lock().unwrap();
+    for (target, limit) in &plant_now.limits {
+        match (target, limit) {
+            (Target::CpuBandwidth { .. }, Limit::CpuBandwidth { quota_us, .. }) => {
+                assert_eq!(*quota_us, None, "{target:?}")
+            }
+            (Target::RaplPackage { .. }, Limit::PowerCap { limit_uw, enabled }) => {
+                assert_eq!((*limit_uw, *enabled), (250_000_000, false))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(!state.exists());
+}
+
+#[test]
+fn stale_measurements_put_the_originals_back_and_failed_writes_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let plant = PlantHandle::new(&DEMAND);
+    let mut controller = controller(&plant, Mode::Enforce, 100.0, &dir.path().join("s.json"));
+    run(&mut controller, &plant, 1, 10);
+    assert!(plant.cores_allowed(DEMAND[0].0).is_some());
+    // The same snapshot again: nothing new was measured.
+    controller.step(&plant.observe(10));
+    assert!(controller.status().stale);
+    assert_eq!(plant.cores_allowed(DEMAND[0].0), None, "original back");
+    // Writes start failing: counted, shown, and the controller goes on.
+    plant.0.lock().unwrap().fail_writes = true;
+    run(&mut controller, &plant, 11, 5);
+    let status = controller.status();
+    assert!(status.write_failures > 0);
+    assert!(
+        status
+            .decisions
+            .iter()
+            .any(|d| d.reason.contains("write failed") && d.reason.contains("cpu.max")),
+        "{status:?}"
+    );
+}
