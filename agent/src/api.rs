@@ -15,6 +15,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    controller::ControllerStatus,
     sinks::prometheus::{self, MetricsState},
     snapshot::{ProcessView, SharedSnapshot},
     view::{
@@ -33,6 +34,7 @@ pub fn router(state: MetricsState) -> Router {
         .route("/api/v1/workloads", get(list_workloads))
         .route("/api/v1/pods", get(list_pods))
         .route("/api/v1/node", get(node))
+        .route("/api/v1/controller", get(controller))
         .route("/metrics", get(prometheus::scrape))
         .fallback(not_found)
         .with_state(state);
@@ -244,6 +246,17 @@ async fn list_pods(
 ) -> Result<Listing<PodFigures>, ApiError> {
     let limit = limit_only(&params)?;
     Ok(first(&shared.latest().figures().pods, limit))
+}
+
+/// The power-cap controller: mode, budget, headroom, limits in force and
+/// the last decisions.
+async fn controller(State(state): State<MetricsState>) -> Json<ControllerStatus> {
+    let status = state
+        .controller
+        .read()
+        .map(|status| status.clone())
+        .unwrap_or_else(|poisoned| poisoned.into_inner().clone());
+    Json(status)
 }
 
 async fn node(State(shared): State<SharedSnapshot>) -> Json<NodeFigures> {

@@ -110,6 +110,9 @@ pub struct Config {
     /// OTLP push; off unless an endpoint is configured here, by flag or by
     /// the standard OTEL_EXPORTER_OTLP_* variables.
     pub otlp: OtlpConfig,
+    /// The power-cap controller (`observe` by default: decides, writes
+    /// nothing).
+    pub controller: crate::controller::settings::ControllerSettings,
 }
 
 impl Default for Config {
@@ -141,6 +144,7 @@ impl Default for Config {
             export_processes: false,
             api_token_file: None,
             otlp: OtlpConfig::default(),
+            controller: crate::controller::settings::ControllerSettings::default(),
         }
     }
 }
@@ -224,6 +228,18 @@ pub struct Overrides {
     /// Export per-process series too (high cardinality).
     #[arg(long, env = "POWERLENS_EXPORT_PROCESSES")]
     pub export_processes: bool,
+    /// Power-cap controller: observe (default), enforce or off.
+    #[arg(long, env = "POWERLENS_CONTROLLER_MODE", value_enum)]
+    pub controller_mode: Option<crate::controller::settings::Mode>,
+    /// Node power budget for the controller (W).
+    #[arg(long, env = "POWERLENS_CONTROLLER_BUDGET_WATTS")]
+    pub budget_watts: Option<f64>,
+    /// Thermal margin below a device's critical temperature (°C).
+    #[arg(long, env = "POWERLENS_CONTROLLER_THERMAL_MARGIN_CELSIUS")]
+    pub thermal_margin_celsius: Option<f64>,
+    /// Where the controller keeps the originals of what it changed.
+    #[arg(long, env = "POWERLENS_CONTROLLER_STATE_FILE")]
+    pub controller_state_file: Option<PathBuf>,
     /// File with the bearer token the API and /metrics ask for.
     #[arg(long, env = "POWERLENS_API_TOKEN_FILE")]
     pub api_token_file: Option<PathBuf>,
@@ -348,6 +364,18 @@ impl Config {
         if let Some(v) = &o.api_token_file {
             self.api_token_file = Some(v.clone());
         }
+        if let Some(v) = o.controller_mode {
+            self.controller.mode = v;
+        }
+        if let Some(v) = o.budget_watts {
+            self.controller.budget_watts = Some(v);
+        }
+        if let Some(v) = o.thermal_margin_celsius {
+            self.controller.thermal_margin_celsius = Some(v);
+        }
+        if let Some(v) = &o.controller_state_file {
+            self.controller.state_file = v.clone();
+        }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -371,6 +399,9 @@ impl Config {
                     humantime::format_duration(self.interval)
                 ),
             });
+        }
+        if let Err((field, message)) = self.controller.check() {
+            return Err(ConfigError::Invalid { field, message });
         }
         if !(1..=1 << 24).contains(&self.exited_map_capacity) {
             return Err(ConfigError::Invalid {

@@ -1,6 +1,11 @@
 //! The `powerlens` command.
 
-use std::{io::Write as _, time::Instant};
+use std::{
+    io::Write as _,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::Instant,
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -10,6 +15,11 @@ use powerlens::{
     cgroup::detect_v2_root,
     collector::{Collector, energy_options, error_chain, select_source},
     config::{Config, Overrides},
+    controller::{
+        Controller, ControllerStatus, Observation, SharedControllerStatus,
+        actuators::{SysfsActuator, find_v1_cpu_root},
+        settings::Mode,
+    },
     energy::collector::EnergyCollector,
     sinks::{
         otlp,
@@ -103,6 +113,9 @@ fn run(overrides: &Overrides) -> anyhow::Result<()> {
         );
     }
 
+    // The controller comes up before anything else is set up: a previous
+    // run that was killed may have left limits, and they go back first.
+    let mut controller = start_controller(&config, &cgroup_root)?;
     let (source, sources) = select_source(&config, &topology, &cgroup_root)
         .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     let energy =
@@ -121,12 +134,14 @@ fn run(overrides: &Overrides) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     runtime.spawn(wait_for_signal(shutdown.clone()));
+    let controller_status: SharedControllerStatus = Arc::new(RwLock::new(ControllerStatus::off()));
     let state = MetricsState {
         shared: shared.clone(),
         options: MetricsOptions {
             processes: config.export_processes,
         },
         token,
+        controller: Arc::clone(&controller_status),
     };
     let server = runtime.spawn(api::serve(listener, state.clone(), shutdown.clone()));
     let metrics_server = match config.metrics_listen {
@@ -187,6 +202,17 @@ fn run(overrides: &Overrides) -> anyhow::Result<()> {
         }
         collector.tick();
         next_sample = sample_every.map(|period| Instant::now() + period);
+        if let Some(controller) = &mut controller {
+            if controller.has_policy() {
+                let figures = shared.latest().figures();
+                controller.step(&Observation::from_figures(&figures));
+            }
+            let status = controller.status();
+            match controller_status.write() {
+                Ok(mut shared_status) => *shared_status = status,
+                Err(poisoned) => *poisoned.into_inner() = status,
+            }
+        }
         next += config.interval;
         // After a long stall (suspended VM, debugger) do not run a burst of
         // catch-up intervals.
@@ -202,6 +228,9 @@ fn run(overrides: &Overrides) -> anyhow::Result<()> {
         }
     }
     info!("shutting down");
+    if let Some(controller) = &mut controller {
+        controller.restore_all("agent stopping");
+    }
     if let Some(otlp) = otlp {
         // The provider's shutdown blocks on a last export: off the runtime.
         otlp.shutdown();
@@ -217,6 +246,38 @@ fn run(overrides: &Overrides) -> anyhow::Result<()> {
             .context("/metrics server")?;
     }
     Ok(())
+}
+
+/// The power-cap controller, unless its mode is `off`.
+fn start_controller(
+    config: &Config,
+    cgroup_root: &std::path::Path,
+) -> anyhow::Result<Option<Controller>> {
+    let settings = config.controller.clone();
+    if settings.mode == Mode::Off {
+        return Ok(None);
+    }
+    let powercap_root = config
+        .powercap_root
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(powerlens::config::DEFAULT_POWERCAP_ROOT));
+    let actuator = SysfsActuator::new(
+        powercap_root,
+        cgroup_root.to_owned(),
+        find_v1_cpu_root(&config.procfs_root),
+    );
+    let packages = actuator.package_zones();
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    info!(
+        mode = settings.mode.as_str(),
+        budget_watts = settings.budget_watts,
+        rapl_packages = packages.len(),
+        state_file = %settings.state_file.display(),
+        "power-cap controller"
+    );
+    let controller = Controller::new(settings, Box::new(actuator), packages, cpus)
+        .context("starting the power-cap controller")?;
+    Ok(Some(controller))
 }
 
 async fn wait_for_signal(shutdown: CancellationToken) {

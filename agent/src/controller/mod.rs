@@ -225,6 +225,12 @@ impl Controller {
         self.settings.mode
     }
 
+    /// Whether any policy has something to do (else the agent does not
+    /// build observations for it).
+    pub fn has_policy(&self) -> bool {
+        self.settings.mode != Mode::Off && self.settings.budget_watts.is_some()
+    }
+
     /// One interval.
     pub fn step(&mut self, observation: &Observation) {
         if self.settings.mode == Mode::Off {

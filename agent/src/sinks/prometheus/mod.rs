@@ -39,6 +39,8 @@ pub struct MetricsState {
     pub options: MetricsOptions,
     /// Asked of every request but `/healthz`, when set.
     pub token: Option<crate::auth::ApiToken>,
+    /// The power-cap controller's latest status.
+    pub controller: crate::controller::SharedControllerStatus,
 }
 
 impl FromRef<MetricsState> for SharedSnapshot {
