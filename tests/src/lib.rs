@@ -199,6 +199,42 @@ impl Drop for ChildGuard {
     }
 }
 
+/// Starts `program args` inside every cgroup directory of `dirs` (one per
+/// hierarchy: the v2 one, and v1 controllers such as cpu on a hybrid
+/// machine), moving itself there between fork and exec.
+pub fn spawn_in_cgroups(dirs: &[&Path], program: &Path, args: &[&str]) -> ChildGuard {
+    let files: Vec<File> = dirs
+        .iter()
+        .map(|dir| {
+            File::options()
+                .write(true)
+                .open(dir.join("cgroup.procs"))
+                .unwrap_or_else(|e| panic!("open {}/cgroup.procs: {e}", dir.display()))
+        })
+        .collect();
+    let fds: Vec<i32> = files.iter().map(|file| file.as_raw_fd()).collect();
+    let mut command = Command::new(program);
+    command
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    // SAFETY: between fork and exec only write(2) on fds opened before the
+    // fork: async-signal-safe.
+    unsafe {
+        command.pre_exec(move || {
+            for fd in &fds {
+                if libc::write(*fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = command.spawn().expect("spawn workload");
+    drop(files);
+    ChildGuard { child }
+}
+
 /// Starts `program args` already inside `cgroup` (it moves itself there
 /// between fork and exec, so none of its time is charged elsewhere).
 pub fn spawn_in(cgroup: Option<&TestCgroup>, program: &Path, args: &[&str]) -> ChildGuard {
@@ -440,6 +476,15 @@ impl Agent {
             assert!(Instant::now() < deadline, "agent stopped publishing");
             std::thread::sleep(Duration::from_millis(25));
         }
+    }
+}
+
+impl Agent {
+    /// `kill -9`: no chance to clean anything up.
+    pub fn kill_hard(&mut self) {
+        // SAFETY: plain kill syscall on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
     }
 }
 

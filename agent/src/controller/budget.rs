@@ -68,12 +68,16 @@ pub struct Tuning {
 }
 
 impl Default for Tuning {
-    /// Tuned on the simulated plant (see the tests): power answers a lever
-    /// within one interval.
+    /// Tuned on the simulated plant and on the real kernel (see the tests):
+    /// power answers a lever within one interval, but CPU quotas are
+    /// enforced per 100 ms period and attribution is noisy, so the
+    /// proportional part (on the change of the error: the derivative of the
+    /// positional form) stays small; with 0.3/0.6 the end-to-end test swung
+    /// between 48 and 61 W around a 55 W budget.
     fn default() -> Self {
         Self {
-            proportional: 0.3,
-            integral: 0.6,
+            proportional: 0.1,
+            integral: 0.4,
             deadband: 0.02,
             max_step: 0.2,
         }

@@ -161,8 +161,11 @@ pub type SharedControllerStatus = Arc<RwLock<ControllerStatus>>;
 /// Decisions kept for the API.
 const DECISIONS_KEPT: usize = 50;
 
-/// Changes smaller than this are not written (hysteresis on the levers).
-const MIN_CHANGE: f64 = 0.02;
+/// Changes smaller than this fraction are not written (no rewriting of the
+/// same value). Far below the budget policy's deadband (2%, where the
+/// hysteresis lives): a larger one would leave the controller stuck just
+/// outside the band, its steps too small to write.
+const MIN_CHANGE: f64 = 0.002;
 
 pub struct Controller {
     settings: ControllerSettings,
