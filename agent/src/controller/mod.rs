@@ -3,6 +3,7 @@
 //!
 //! - [`settings`]: the `[controller]` table, checked at start.
 //! - [`budget`]: the node-budget policy (PI, least harm first).
+//! - [`thermal`]: the thermal guard (a cap that follows temperature).
 //! - [`actuators`]: RAPL package limits and container CPU bandwidth.
 //! - [`state`]: originals on disk before the first write; restored on exit
 //!   and, after a crash, on the next start before anything else.
@@ -17,6 +18,7 @@ pub mod actuators;
 pub mod budget;
 pub mod settings;
 pub mod state;
+pub mod thermal;
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -58,6 +60,8 @@ pub struct Observation {
     pub containers: Vec<ContainerObservation>,
     /// Package power per socket.
     pub package_watts: BTreeMap<u32, f64>,
+    /// Package temperature and critical temperature per socket (°C).
+    pub package_celsius: BTreeMap<u32, (f64, f64)>,
 }
 
 impl Observation {
@@ -93,11 +97,26 @@ impl Observation {
                 *package_watts.entry(device.id.index).or_insert(0.0) += device.power_watts;
             }
         }
+        let mut package_celsius = BTreeMap::new();
+        for temperature in &figures.node.temperatures {
+            if let (Some(socket), Some(critical)) =
+                (temperature.socket, temperature.critical_celsius)
+            {
+                let entry = package_celsius
+                    .entry(socket)
+                    .or_insert((temperature.celsius, critical));
+                // The hottest sensor of the socket counts.
+                if temperature.celsius > entry.0 {
+                    *entry = (temperature.celsius, critical);
+                }
+            }
+        }
         Self {
             sequence: figures.sequence,
             node_watts,
             containers,
             package_watts,
+            package_celsius,
         }
     }
 }
@@ -184,6 +203,8 @@ pub struct Controller {
     cpus: f64,
     stale: bool,
     last_measured: Option<f64>,
+    /// The thermal guard's state per socket.
+    thermal: BTreeMap<u32, thermal::ThermalGuard>,
 }
 
 impl Controller {
@@ -221,6 +242,7 @@ impl Controller {
             cpus: cpus.max(1) as f64,
             stale: false,
             last_measured: None,
+            thermal: BTreeMap::new(),
         })
     }
 
@@ -231,7 +253,9 @@ impl Controller {
     /// Whether any policy has something to do (else the agent does not
     /// build observations for it).
     pub fn has_policy(&self) -> bool {
-        self.settings.mode != Mode::Off && self.settings.budget_watts.is_some()
+        self.settings.mode != Mode::Off
+            && (self.settings.budget_watts.is_some()
+                || self.settings.thermal_margin_celsius.is_some())
     }
 
     /// One interval.
@@ -253,9 +277,6 @@ impl Controller {
         };
         self.stale = false;
         self.forget_exited(observation);
-        let Some(budget) = self.settings.budget_watts else {
-            return;
-        };
         // The levers as they are.
         let mut container_targets = Vec::new();
         let mut containers = Vec::new();
@@ -324,23 +345,72 @@ impl Controller {
             });
             device_targets.push(zone.target.clone());
         }
-        let allocation = self
-            .budget
-            .step(measured, budget, &containers, &devices, self.cpus);
-        let reason = format!(
-            "node {measured:.1} W, budget {budget:.1} W: {} {:.1} W",
-            if allocation.delta_watts >= 0.0 {
-                "shed"
-            } else {
-                "release"
-            },
-            allocation.delta_watts.abs()
-        );
+        let (allocation, reason) = match self.settings.budget_watts {
+            Some(budget) => {
+                let allocation =
+                    self.budget
+                        .step(measured, budget, &containers, &devices, self.cpus);
+                let reason = format!(
+                    "node {measured:.1} W, budget {budget:.1} W: {} {:.1} W",
+                    if allocation.delta_watts >= 0.0 {
+                        "shed"
+                    } else {
+                        "release"
+                    },
+                    allocation.delta_watts.abs()
+                );
+                (allocation, reason)
+            }
+            None => (
+                budget::Allocation {
+                    container_cores: vec![None; containers.len()],
+                    device_caps: vec![None; devices.len()],
+                    delta_watts: 0.0,
+                },
+                "no budget".to_owned(),
+            ),
+        };
         for (target, cores) in container_targets.iter().zip(&allocation.container_cores) {
             self.set_bandwidth(target, *cores, &reason);
         }
-        for (target, cap) in device_targets.iter().zip(&allocation.device_caps) {
-            self.set_cap(target, *cap, &reason);
+        for ((target, device), budget_cap) in device_targets
+            .iter()
+            .zip(&devices)
+            .zip(&allocation.device_caps)
+        {
+            // The thermal guard's cap, where it is lower.
+            let socket = match target {
+                Target::RaplPackage { socket, .. } => *socket,
+                Target::CpuBandwidth { .. } => continue,
+            };
+            let thermal_cap = match (
+                self.settings.thermal_margin_celsius,
+                observation.package_celsius.get(&socket),
+            ) {
+                (Some(margin), Some((celsius, critical))) => {
+                    self.thermal.entry(socket).or_default().step(
+                        *celsius,
+                        *critical,
+                        margin,
+                        device.watts,
+                        device.floor_watts,
+                        device.ceiling_watts,
+                    )
+                }
+                _ => None,
+            };
+            let (cap, why) = match (*budget_cap, thermal_cap) {
+                (Some(b), Some(t)) if t < b => (Some(t), "thermal guard".to_owned()),
+                (None, Some(t)) => (Some(t), "thermal guard".to_owned()),
+                (cap, _) => (cap, reason.clone()),
+            };
+            let why = match (why.as_str(), observation.package_celsius.get(&socket)) {
+                ("thermal guard", Some((celsius, critical))) => format!(
+                    "thermal guard: socket {socket} at {celsius:.1} °C, critical {critical:.1} °C"
+                ),
+                _ => why,
+            };
+            self.set_cap(target, cap, &why);
         }
     }
 
@@ -534,6 +604,16 @@ impl Controller {
     pub fn status(&self) -> ControllerStatus {
         let budget = self.settings.budget_watts;
         let mut policies = BTreeMap::new();
+        policies.insert(
+            "thermal_guard".to_owned(),
+            match self.settings.thermal_margin_celsius {
+                None => "off (no thermal_margin_celsius)".to_owned(),
+                Some(_) if self.thermal.values().any(|g| g.cap_watts().is_some()) => {
+                    "limiting".to_owned()
+                }
+                Some(_) => "idle".to_owned(),
+            },
+        );
         policies.insert(
             "budget".to_owned(),
             match (budget, self.stale) {

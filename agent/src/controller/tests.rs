@@ -15,6 +15,7 @@ use super::{
 const WATTS_PER_CORE: f64 = 20.0;
 const BASE_WATTS: f64 = 60.0;
 const PERIOD: u64 = 100_000;
+const CRITICAL_CELSIUS: f64 = 95.0;
 
 /// The plant: limits written by the controller, and what they do to power.
 #[derive(Default)]
@@ -24,6 +25,9 @@ struct Plant {
     demand: Vec<(String, ThrottleClass, f64)>,
     fail_writes: bool,
     writes: u32,
+    /// The socket's temperature: moves a fifth of the way each interval
+    /// towards 30 °C + 0.5 °C per watt (thermal inertia).
+    celsius: f64,
 }
 
 #[derive(Clone)]
@@ -78,7 +82,7 @@ impl PlantHandle {
 
     /// One interval of the plant under the limits in force.
     fn observe(&self, sequence: u64) -> Observation {
-        let plant = self.0.lock().unwrap();
+        let mut plant = self.0.lock().unwrap();
         let mut containers = Vec::new();
         let mut watts = BASE_WATTS;
         for (cgroup, class, demand) in &plant.demand {
@@ -108,11 +112,17 @@ impl PlantHandle {
         {
             watts = watts.min(*limit_uw as f64 / 1e6);
         }
+        if plant.celsius == 0.0 {
+            // A cold start.
+            plant.celsius = 40.0;
+        }
+        plant.celsius += (30.0 + 0.5 * watts - plant.celsius) / 5.0;
         Observation {
             sequence,
             node_watts: Some(watts),
             containers,
             package_watts: BTreeMap::from([(0, watts)]),
+            package_celsius: BTreeMap::from([(0, (plant.celsius, CRITICAL_CELSIUS))]),
         }
     }
 
@@ -304,5 +314,47 @@ fn stale_measurements_put_the_originals_back_and_failed_writes_are_counted() {
             .iter()
             .any(|d| d.reason.contains("write failed") && d.reason.contains("cpu.max")),
         "{status:?}"
+    );
+}
+
+#[test]
+fn the_thermal_guard_keeps_a_hot_socket_under_its_critical_temperature() {
+    let dir = tempfile::tempdir().unwrap();
+    // 140 W would settle at 100 °C, over the 95 °C critical temperature.
+    let plant = PlantHandle::new(&DEMAND);
+    let mut controller = Controller::new(
+        ControllerSettings {
+            mode: Mode::Enforce,
+            budget_watts: None,
+            thermal_margin_celsius: Some(10.0),
+            state_file: dir.path().join("state.json"),
+            ..ControllerSettings::default()
+        },
+        Box::new(plant.clone()),
+        vec![PackageZone {
+            target: package(),
+            socket: 0,
+            max_watts: Some(250.0),
+            min_watts: Some(40.0),
+        }],
+        4,
+    )
+    .unwrap();
+    let mut hottest: f64 = 0.0;
+    for sequence in 1..80 {
+        let observation = plant.observe(sequence);
+        hottest = hottest.max(observation.package_celsius[&0].0);
+        controller.step(&observation);
+    }
+    let celsius = plant.0.lock().unwrap().celsius;
+    eprintln!(
+        "thermal guard, margin 10 °C: hottest {hottest:.1} °C, now {celsius:.1} °C (critical 95, 100 uncapped)"
+    );
+    assert!(hottest < CRITICAL_CELSIUS, "{hottest}");
+    assert_eq!(controller.status().policies["thermal_guard"], "limiting");
+    assert_eq!(
+        plant.cores_allowed(DEMAND[0].0),
+        None,
+        "no budget: no container throttled"
     );
 }
