@@ -290,6 +290,14 @@ fn enforce_squeezes_besteffort_keeps_guaranteed_holds_the_budget_and_a_kill_leav
         state_file.exists(),
         "originals on disk while limits are in force"
     );
+    let metrics = agent.get_text("/metrics");
+    for series in [
+        "powerlens_controller_budget_watts{mode=\"enforce\"} 55",
+        "powerlens_controller_headroom_watts{",
+        "powerlens_controller_cpu_limit_cpus{target=\"cpu:/kubepods.slice/kubepods-besteffort.slice/",
+    ] {
+        assert!(metrics.contains(series), "{series} in /metrics");
+    }
 
     // kill -9: the limits outlive the agent...
     agent.kill_hard();
@@ -313,5 +321,20 @@ fn enforce_squeezes_besteffort_keeps_guaranteed_holds_the_budget_and_a_kill_leav
             .as_array()
             .is_some_and(|d| d.iter().all(|d| d["applied"] == Value::Bool(false))),
         "{status}"
+    );
+    drop(agent);
+
+    // A clean stop (SIGTERM) gives a throttled container its bandwidth back.
+    let agent = Agent::start_with_interval("1s", &enforce);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while read(&besteffort_v1.path.join("cpu.cfs_quota_us")) == "-1" {
+        assert!(Instant::now() < deadline, "throttled again within 30 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(agent);
+    assert_eq!(read(&besteffort_v1.path.join("cpu.cfs_quota_us")), "-1");
+    assert!(
+        !state_file.exists(),
+        "nothing left to restore after a clean stop"
     );
 }

@@ -139,6 +139,10 @@ pub struct TargetStatus {
     pub target: String,
     pub original: String,
     pub current: String,
+    /// The cap in force, for a power-capped device (W).
+    pub cap_watts: Option<f64>,
+    /// The CPU allowed, for a throttled container.
+    pub cpu_limit_cpus: Option<f64>,
 }
 
 /// `GET /api/v1/controller`.
@@ -640,6 +644,17 @@ impl Controller {
                         .get(target)
                         .map_or_else(String::new, Limit::describe),
                     current: current.describe(),
+                    cap_watts: match current {
+                        Limit::PowerCap { limit_uw, .. } => Some(*limit_uw as f64 / 1e6),
+                        Limit::CpuBandwidth { .. } => None,
+                    },
+                    cpu_limit_cpus: match current {
+                        Limit::CpuBandwidth {
+                            quota_us: Some(quota),
+                            period_us,
+                        } => Some(*quota as f64 / (*period_us).max(1) as f64),
+                        _ => None,
+                    },
                 })
                 .collect(),
             write_failures: self.write_failures,

@@ -54,7 +54,10 @@ impl FromRef<MetricsState> for SharedSnapshot {
 /// (which publishes without waiting on readers).
 pub async fn scrape(State(state): State<MetricsState>, headers: HeaderMap) -> Response {
     let MetricsState {
-        shared, options, ..
+        shared,
+        options,
+        controller,
+        ..
     } = state;
     let openmetrics = headers
         .get_all(header::ACCEPT)
@@ -71,10 +74,15 @@ pub async fn scrape(State(state): State<MetricsState>, headers: HeaderMap) -> Re
                 .map(|p| process_figures(&snapshot, p))
                 .collect()
         });
+        let controller = controller
+            .read()
+            .map(|status| status.clone())
+            .unwrap_or_else(|poisoned| poisoned.into_inner().clone());
         let mut text = render(Exposition {
             figures: snapshot.figures(),
             processes,
             exports: shared.exports().figures(),
+            controller: (controller.mode != "off").then_some(controller),
         });
         if !openmetrics {
             text = to_prometheus_text(&text);

@@ -22,6 +22,8 @@ pub struct Exposition {
     /// Present when per-process series are asked for (`export.processes`).
     pub processes: Option<Vec<ProcessFigures>>,
     pub exports: ExportFigures,
+    /// The power-cap controller, unless it is off.
+    pub controller: Option<crate::controller::ControllerStatus>,
 }
 
 /// Renders the exposition to text (OpenMetrics 1.0, which Prometheus and
@@ -431,9 +433,70 @@ impl Collector for Exposition {
             exports,
         ]);
 
+        if let Some(status) = &self.controller {
+            families.extend(controller_families(status));
+        }
+
         for family in &families {
             family.encode(&mut encoder)?;
         }
         Ok(())
     }
+}
+
+/// Budget, headroom and every limit in force, so a scheduler or autoscaler
+/// can place work where there is room.
+fn controller_families(status: &crate::controller::ControllerStatus) -> Vec<Family> {
+    use MetricType::{Counter, Gauge};
+    let mode: Labels = vec![("mode", status.mode.clone())];
+    let mut budget = Family::new(
+        "controller_budget_watts",
+        "The node power budget the controller holds (observe mode: would hold).",
+        None,
+        Gauge,
+    );
+    let mut headroom = Family::new(
+        "controller_headroom_watts",
+        "Budget minus measured node power (negative: over budget).",
+        None,
+        Gauge,
+    );
+    if let Some(watts) = status.budget_watts {
+        budget.push(mode.clone(), watts);
+    }
+    if let Some(watts) = status.headroom_watts {
+        headroom.push(mode.clone(), watts);
+    }
+    let mut caps = Family::new(
+        "controller_cap_watts",
+        "A device power cap the controller has in force.",
+        None,
+        Gauge,
+    );
+    let mut cpus = Family::new(
+        "controller_cpu_limit_cpus",
+        "CPUs a container is held to by the controller.",
+        None,
+        Gauge,
+    );
+    for target in &status.targets {
+        let labels: Labels = vec![
+            ("target", target.target.clone()),
+            ("mode", status.mode.clone()),
+        ];
+        if let Some(watts) = target.cap_watts {
+            caps.push(labels.clone(), watts);
+        }
+        if let Some(limit) = target.cpu_limit_cpus {
+            cpus.push(labels, limit);
+        }
+    }
+    let mut failures = Family::new(
+        "controller_write_failures",
+        "Writes of a limit that failed (the file is named in the log and the API).",
+        None,
+        Counter,
+    );
+    failures.push(mode, status.write_failures as f64);
+    vec![budget, headroom, caps, cpus, failures]
 }

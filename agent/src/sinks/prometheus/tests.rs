@@ -16,6 +16,7 @@ fn render_sample(processes: bool) -> String {
         figures: snapshot.figures(),
         processes,
         exports: ExportFigures::default(),
+        controller: None,
     })
 }
 
