@@ -446,7 +446,7 @@ impl Collector for Exposition {
 
 /// Budget, headroom and every limit in force, so a scheduler or autoscaler
 /// can place work where there is room.
-fn controller_families(status: &crate::controller::ControllerStatus) -> Vec<Family> {
+fn controller_families(status: &crate::controller::ControllerStatus) -> Vec<Family<'static>> {
     use MetricType::{Counter, Gauge};
     let mode: Labels = vec![("mode", status.mode.clone())];
     let mut budget = Family::new(
