@@ -82,6 +82,7 @@ pub struct ControllerSettings {
     /// Where the original value of everything written is kept, so it can be
     /// restored after a crash.
     pub state_file: PathBuf,
+    /// Refused for now: the search is not implemented yet.
     pub efficiency_search: bool,
 }
 
@@ -159,6 +160,13 @@ impl ControllerSettings {
                 ));
             }
             seen.push(*class);
+        }
+        if self.efficiency_search {
+            return Err((
+                "controller.efficiency_search",
+                "the efficiency search is not in this version of powerlens yet; leave it false"
+                    .to_owned(),
+            ));
         }
         if self.state_file.as_os_str().is_empty() {
             return Err(("controller.state_file", "is empty".to_owned()));
