@@ -17,7 +17,9 @@ use powerlens::{
     config::{Config, Overrides},
     controller::{
         Controller, ControllerStatus, Observation, SharedControllerStatus,
-        actuators::{SysfsActuator, find_v1_cpu_root},
+        actuators::{
+            GpuLimits, NodeActuator, NvmlLimits, SysfsActuator, find_v1_cpu_root, gpu_zones,
+        },
         settings::Mode,
     },
     energy::collector::EnergyCollector,
@@ -261,21 +263,33 @@ fn start_controller(
         .powercap_root
         .clone()
         .unwrap_or_else(|| PathBuf::from(powerlens::config::DEFAULT_POWERCAP_ROOT));
-    let actuator = SysfsActuator::new(
+    let files = SysfsActuator::new(
         powercap_root,
         cgroup_root.to_owned(),
         find_v1_cpu_root(&config.procfs_root),
     );
-    let packages = actuator.package_zones();
+    let mut zones = files.package_zones();
+    let packages = zones.len();
+    // GPU limits through NVML, when there is an NVIDIA driver.
+    let gpus: Option<Box<dyn GpuLimits>> = if config.gpu {
+        NvmlLimits::load().map(|nvml| Box::new(nvml) as Box<dyn GpuLimits>)
+    } else {
+        None
+    };
+    if let Some(gpus) = &gpus {
+        zones.extend(gpu_zones(gpus.as_ref()));
+    }
+    let actuator = NodeActuator { files, gpus };
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     info!(
         mode = settings.mode.as_str(),
         budget_watts = settings.budget_watts,
-        rapl_packages = packages.len(),
+        rapl_packages = packages,
+        gpus = zones.len() - packages,
         state_file = %settings.state_file.display(),
         "power-cap controller"
     );
-    let controller = Controller::new(settings, Box::new(actuator), packages, cpus)
+    let controller = Controller::new(settings, Box::new(actuator), zones, cpus)
         .context("starting the power-cap controller")?;
     Ok(Some(controller))
 }

@@ -16,6 +16,8 @@ pub enum Target {
     RaplPackage { zone: String, socket: u32 },
     /// A container's CPU bandwidth, by its cgroup path (from the v2 root).
     CpuBandwidth { cgroup: String },
+    /// An NVIDIA GPU's power management limit, by NVML index.
+    GpuPower { index: u32 },
 }
 
 impl Target {
@@ -24,6 +26,7 @@ impl Target {
         match self {
             Target::RaplPackage { zone, .. } => format!("rapl:{zone}"),
             Target::CpuBandwidth { cgroup } => format!("cpu:{cgroup}"),
+            Target::GpuPower { index } => format!("gpu:{index}"),
         }
     }
 }
@@ -40,6 +43,8 @@ pub enum Limit {
         quota_us: Option<u64>,
         period_us: u64,
     },
+    /// A GPU's power management limit (mW).
+    GpuPower { limit_mw: u32 },
 }
 
 impl Limit {
@@ -59,6 +64,7 @@ impl Limit {
                 quota_us: Some(quota),
                 period_us,
             } => format!("{:.2} CPU", *quota as f64 / (*period_us).max(1) as f64),
+            Limit::GpuPower { limit_mw } => format!("{:.1} W", *limit_mw as f64 / 1e3),
         }
     }
 }
@@ -79,6 +85,8 @@ pub enum ActuatorError {
     NoCpuController { cgroup: String, v2: PathBuf },
     #[error("{0} is not a target this actuator handles")]
     WrongTarget(String),
+    #[error("GPU {index}: {message}")]
+    Gpu { index: u32, message: String },
 }
 
 /// Reads and writes limits.
@@ -87,14 +95,18 @@ pub trait Actuator: Send {
     fn write(&mut self, target: &Target, limit: &Limit) -> Result<(), ActuatorError>;
 }
 
-/// A RAPL package zone's bounds, for the controller.
+/// A device whose power can be capped (a RAPL package, a GPU), with its
+/// hardware bounds, for the controller.
 #[derive(Clone, Debug, PartialEq)]
-pub struct PackageZone {
+pub struct CapZone {
     pub target: Target,
-    pub socket: u32,
-    /// `constraint_0_max_power_uw` (or the zone's `max_power_range_uw`).
+    /// The socket of a package, the index of a GPU.
+    pub index: u32,
+    /// RAPL: `constraint_0_max_power_uw` (or `max_power_range_uw`); NVML:
+    /// the power limit constraint's maximum.
     pub max_watts: Option<f64>,
-    /// `constraint_0_min_power_uw`, where the driver exposes it.
+    /// RAPL: `constraint_0_min_power_uw` where exposed; NVML: the
+    /// constraint's minimum.
     pub min_watts: Option<f64>,
 }
 
@@ -144,7 +156,7 @@ impl SysfsActuator {
     }
 
     /// The package zones that can be limited (a `constraint_0` to write).
-    pub fn package_zones(&self) -> Vec<PackageZone> {
+    pub fn package_zones(&self) -> Vec<CapZone> {
         let mut zones = Vec::new();
         let Ok(entries) = std::fs::read_dir(&self.powercap_root) else {
             return zones;
@@ -174,12 +186,12 @@ impl SysfsActuator {
                     .filter(|v| *v > 0)
                     .map(|v| v as f64 / 1e6)
             };
-            zones.push(PackageZone {
+            zones.push(CapZone {
                 target: Target::RaplPackage {
                     zone: zone.to_owned(),
                     socket,
                 },
-                socket,
+                index: socket,
                 max_watts: watts("constraint_0_max_power_uw")
                     .or_else(|| watts("max_power_range_uw")),
                 min_watts: watts("constraint_0_min_power_uw"),
@@ -264,6 +276,7 @@ impl Actuator for SysfsActuator {
                     })
                 }
             },
+            Target::GpuPower { .. } => Err(ActuatorError::WrongTarget(target.name())),
         }
     }
 
@@ -303,6 +316,139 @@ impl Actuator for SysfsActuator {
     }
 }
 
+/// GPU power limits: NVML on NVIDIA machines, a fake in tests.
+pub trait GpuLimits: Send {
+    /// (index, min mW, max mW) of every GPU whose limit can be set.
+    fn devices(&self) -> Vec<(u32, u32, u32)>;
+    fn limit_mw(&self, index: u32) -> Result<u32, String>;
+    fn set_limit_mw(&mut self, index: u32, limit_mw: u32) -> Result<(), String>;
+}
+
+/// NVIDIA GPUs through NVML (`nvmlDeviceSetPowerManagementLimit`, which
+/// needs root).
+pub struct NvmlLimits {
+    nvml: nvml_wrapper::Nvml,
+}
+
+impl NvmlLimits {
+    /// Loads libnvidia-ml; `None` without an NVIDIA driver.
+    pub fn load() -> Option<Self> {
+        nvml_wrapper::Nvml::init().ok().map(|nvml| Self { nvml })
+    }
+}
+
+impl GpuLimits for NvmlLimits {
+    fn devices(&self) -> Vec<(u32, u32, u32)> {
+        let count = self.nvml.device_count().unwrap_or(0);
+        (0..count)
+            .filter_map(|index| {
+                let device = self.nvml.device_by_index(index).ok()?;
+                let constraints = device.power_management_limit_constraints().ok()?;
+                Some((index, constraints.min_limit, constraints.max_limit))
+            })
+            .collect()
+    }
+
+    fn limit_mw(&self, index: u32) -> Result<u32, String> {
+        self.nvml
+            .device_by_index(index)
+            .and_then(|device| device.power_management_limit())
+            .map_err(|e| e.to_string())
+    }
+
+    fn set_limit_mw(&mut self, index: u32, limit_mw: u32) -> Result<(), String> {
+        let mut device = self
+            .nvml
+            .device_by_index(index)
+            .map_err(|e| e.to_string())?;
+        device
+            .set_power_management_limit(limit_mw)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// A fake NVML for tests: limits in memory, within each GPU's range.
+#[derive(Clone, Debug, Default)]
+pub struct FakeGpuLimits {
+    /// index → (limit, min, max), in mW.
+    pub gpus: std::collections::BTreeMap<u32, (u32, u32, u32)>,
+}
+
+impl GpuLimits for FakeGpuLimits {
+    fn devices(&self) -> Vec<(u32, u32, u32)> {
+        self.gpus
+            .iter()
+            .map(|(index, (_, min, max))| (*index, *min, *max))
+            .collect()
+    }
+
+    fn limit_mw(&self, index: u32) -> Result<u32, String> {
+        self.gpus
+            .get(&index)
+            .map(|(limit, _, _)| *limit)
+            .ok_or_else(|| format!("no GPU {index}"))
+    }
+
+    fn set_limit_mw(&mut self, index: u32, limit_mw: u32) -> Result<(), String> {
+        let (limit, min, max) = self
+            .gpus
+            .get_mut(&index)
+            .ok_or_else(|| format!("no GPU {index}"))?;
+        // NVML refuses a limit outside the constraints (Invalid Argument).
+        if limit_mw < *min || limit_mw > *max {
+            return Err(format!("{limit_mw} mW is outside {min}..={max} mW"));
+        }
+        *limit = limit_mw;
+        Ok(())
+    }
+}
+
+/// The zones of `gpus`, for the controller.
+pub fn gpu_zones(gpus: &dyn GpuLimits) -> Vec<CapZone> {
+    gpus.devices()
+        .into_iter()
+        .map(|(index, min, max)| CapZone {
+            target: Target::GpuPower { index },
+            index,
+            max_watts: Some(f64::from(max) / 1e3),
+            min_watts: Some(f64::from(min) / 1e3),
+        })
+        .collect()
+}
+
+/// Files for packages and containers, NVML for GPUs.
+pub struct NodeActuator {
+    pub files: SysfsActuator,
+    pub gpus: Option<Box<dyn GpuLimits>>,
+}
+
+impl Actuator for NodeActuator {
+    fn read(&self, target: &Target) -> Result<Limit, ActuatorError> {
+        match (target, &self.gpus) {
+            (Target::GpuPower { index }, Some(gpus)) => gpus
+                .limit_mw(*index)
+                .map(|limit_mw| Limit::GpuPower { limit_mw })
+                .map_err(|message| ActuatorError::Gpu {
+                    index: *index,
+                    message,
+                }),
+            _ => self.files.read(target),
+        }
+    }
+
+    fn write(&mut self, target: &Target, limit: &Limit) -> Result<(), ActuatorError> {
+        match (target, limit, &mut self.gpus) {
+            (Target::GpuPower { index }, Limit::GpuPower { limit_mw }, Some(gpus)) => gpus
+                .set_limit_mw(*index, *limit_mw)
+                .map_err(|message| ActuatorError::Gpu {
+                    index: *index,
+                    message,
+                }),
+            _ => self.files.write(target, limit),
+        }
+    }
+}
+
 /// The v1 hierarchy holding the cpu controller (hybrid machines), from
 /// `/proc/self/mountinfo` under `procfs_root`.
 pub fn find_v1_cpu_root(procfs_root: &Path) -> Option<PathBuf> {
@@ -325,6 +471,45 @@ pub fn find_v1_cpu_root(procfs_root: &Path) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpu_limits_go_through_the_fake_nvml_within_its_constraints() {
+        let mut gpus = FakeGpuLimits::default();
+        gpus.gpus.insert(0, (300_000, 200_000, 700_000));
+        let zones = gpu_zones(&gpus);
+        assert_eq!(zones[0].max_watts, Some(700.0));
+        assert_eq!(zones[0].min_watts, Some(200.0));
+        let dir = tempfile::tempdir().unwrap();
+        let mut actuator = NodeActuator {
+            files: SysfsActuator::new(dir.path().into(), dir.path().into(), None),
+            gpus: Some(Box::new(gpus)),
+        };
+        let gpu = Target::GpuPower { index: 0 };
+        assert_eq!(
+            actuator.read(&gpu).unwrap(),
+            Limit::GpuPower { limit_mw: 300_000 }
+        );
+        actuator
+            .write(&gpu, &Limit::GpuPower { limit_mw: 250_000 })
+            .unwrap();
+        assert_eq!(
+            actuator.read(&gpu).unwrap(),
+            Limit::GpuPower { limit_mw: 250_000 }
+        );
+        let error = actuator
+            .write(&gpu, &Limit::GpuPower { limit_mw: 100_000 })
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("GPU 0") && error.contains("outside"),
+            "{error}"
+        );
+        let error = actuator
+            .read(&Target::GpuPower { index: 3 })
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("GPU 3"), "{error}");
+    }
 
     #[test]
     fn cpu_max_round_trips() {

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use self::{
-    actuators::{Actuator, Limit, PackageZone, Target},
+    actuators::{Actuator, CapZone, Limit, Target},
     budget::{BudgetController, ContainerLever, DeviceLever, Tuning},
     settings::{ControllerSettings, Mode, ThrottleClass},
     state::{StateFile, restore},
@@ -62,6 +62,8 @@ pub struct Observation {
     pub package_watts: BTreeMap<u32, f64>,
     /// Package temperature and critical temperature per socket (°C).
     pub package_celsius: BTreeMap<u32, (f64, f64)>,
+    /// GPU power per NVML index.
+    pub gpu_watts: BTreeMap<u32, f64>,
 }
 
 impl Observation {
@@ -111,12 +113,19 @@ impl Observation {
                 }
             }
         }
+        let gpu_watts = figures
+            .node
+            .gpus
+            .iter()
+            .filter_map(|gpu| Some((gpu.index, gpu.power_watts?)))
+            .collect();
         Self {
             sequence: figures.sequence,
             node_watts,
             containers,
             package_watts,
             package_celsius,
+            gpu_watts,
         }
     }
 }
@@ -193,7 +202,8 @@ const MIN_CHANGE: f64 = 0.002;
 pub struct Controller {
     settings: ControllerSettings,
     actuator: Box<dyn Actuator>,
-    packages: Vec<PackageZone>,
+    /// Devices whose power can be capped: RAPL packages, GPUs.
+    zones: Vec<CapZone>,
     state: StateFile,
     budget: BudgetController,
     /// Limits the controller has set (or, observing, would have set).
@@ -217,7 +227,7 @@ impl Controller {
     pub fn new(
         settings: ControllerSettings,
         mut actuator: Box<dyn Actuator>,
-        packages: Vec<PackageZone>,
+        zones: Vec<CapZone>,
         cpus: usize,
     ) -> Result<Self, state::StateError> {
         if let Some(leftover) = StateFile::leftover(&settings.state_file)? {
@@ -236,7 +246,7 @@ impl Controller {
             state: StateFile::new(settings.state_file.clone()),
             settings,
             actuator,
-            packages,
+            zones,
             budget: BudgetController::new(Tuning::default()),
             in_force: BTreeMap::new(),
             originals: BTreeMap::new(),
@@ -308,24 +318,35 @@ impl Controller {
         }
         let mut devices = Vec::new();
         let mut device_targets = Vec::new();
-        for zone in self.packages.clone() {
+        for zone in self.zones.clone() {
             let Some(original) = self.original_of(&zone.target) else {
                 continue;
             };
-            let Limit::PowerCap { limit_uw, .. } = original else {
-                continue;
-            };
-            let ceiling = [
-                zone.max_watts,
-                self.settings.ceiling_watts.package,
-                Some(limit_uw as f64 / 1e6),
-            ]
-            .into_iter()
-            .flatten()
-            .fold(f64::INFINITY, f64::min);
+            let (original_watts, floor_setting, ceiling_setting, watts) =
+                match (&zone.target, &original) {
+                    (Target::RaplPackage { socket, .. }, Limit::PowerCap { limit_uw, .. }) => (
+                        *limit_uw as f64 / 1e6,
+                        self.settings.floor_watts.package,
+                        self.settings.ceiling_watts.package,
+                        observation.package_watts.get(socket),
+                    ),
+                    (Target::GpuPower { index }, Limit::GpuPower { limit_mw }) => (
+                        f64::from(*limit_mw) / 1e3,
+                        self.settings.floor_watts.gpu,
+                        self.settings.ceiling_watts.gpu,
+                        observation.gpu_watts.get(index),
+                    ),
+                    _ => continue,
+                };
+            // Never above the hardware's maximum, the configured ceiling,
+            // or the limit the device had before.
+            let ceiling = [zone.max_watts, ceiling_setting, Some(original_watts)]
+                .into_iter()
+                .flatten()
+                .fold(f64::INFINITY, f64::min);
             // Without a hardware minimum, a tenth of the ceiling: RAPL does
             // not hold a socket much below that anyway.
-            let floor = [zone.min_watts, self.settings.floor_watts.package]
+            let floor = [zone.min_watts, floor_setting]
                 .into_iter()
                 .flatten()
                 .fold(ceiling * 0.1, f64::max)
@@ -335,14 +356,11 @@ impl Controller {
                     limit_uw,
                     enabled: true,
                 }) => Some(*limit_uw as f64 / 1e6),
+                Some(Limit::GpuPower { limit_mw }) => Some(f64::from(*limit_mw) / 1e3),
                 _ => None,
             };
             devices.push(DeviceLever {
-                watts: observation
-                    .package_watts
-                    .get(&zone.socket)
-                    .copied()
-                    .unwrap_or(0.0),
+                watts: watts.copied().unwrap_or(0.0),
                 cap_watts: cap,
                 floor_watts: floor,
                 ceiling_watts: ceiling,
@@ -385,6 +403,11 @@ impl Controller {
             // The thermal guard's cap, where it is lower.
             let socket = match target {
                 Target::RaplPackage { socket, .. } => *socket,
+                // The thermal guard watches sockets only, for now.
+                Target::GpuPower { .. } => {
+                    self.set_cap(target, *budget_cap, &reason);
+                    continue;
+                }
                 Target::CpuBandwidth { .. } => continue,
             };
             let thermal_cap = match (
@@ -478,26 +501,28 @@ impl Controller {
         let Some(original) = self.original_of(target) else {
             return;
         };
-        let wanted = match watts {
-            Some(watts) => Limit::PowerCap {
+        let wanted = match (watts, target) {
+            (Some(watts), Target::GpuPower { .. }) => Limit::GpuPower {
+                limit_mw: (watts * 1e3).round() as u32,
+            },
+            (Some(watts), _) => Limit::PowerCap {
                 limit_uw: (watts * 1e6).round() as u64,
                 enabled: true,
             },
-            None => original.clone(),
+            (None, _) => original.clone(),
         };
         let current = self.in_force.get(target).cloned().unwrap_or(original);
-        let differs = match (&current, &wanted) {
-            (
-                Limit::PowerCap {
-                    limit_uw: a,
-                    enabled: true,
-                },
-                Limit::PowerCap {
-                    limit_uw: b,
-                    enabled: true,
-                },
-            ) => (*a as f64 - *b as f64).abs() > MIN_CHANGE * (*a).max(1) as f64,
-            (a, b) => a != b,
+        let watts_of = |limit: &Limit| match limit {
+            Limit::PowerCap {
+                limit_uw,
+                enabled: true,
+            } => Some(*limit_uw as f64 / 1e6),
+            Limit::GpuPower { limit_mw } => Some(f64::from(*limit_mw) / 1e3),
+            _ => None,
+        };
+        let differs = match (watts_of(&current), watts_of(&wanted)) {
+            (Some(a), Some(b)) => (a - b).abs() > MIN_CHANGE * a.max(1.0),
+            _ => current != wanted,
         };
         if differs {
             self.change(target, &current, wanted, reason);
@@ -646,6 +671,7 @@ impl Controller {
                     current: current.describe(),
                     cap_watts: match current {
                         Limit::PowerCap { limit_uw, .. } => Some(*limit_uw as f64 / 1e6),
+                        Limit::GpuPower { limit_mw } => Some(f64::from(*limit_mw) / 1e3),
                         Limit::CpuBandwidth { .. } => None,
                     },
                     cpu_limit_cpus: match current {

@@ -8,7 +8,7 @@ use std::{
 };
 
 use super::{
-    actuators::{ActuatorError, PackageZone},
+    actuators::{ActuatorError, CapZone},
     *,
 };
 
@@ -25,6 +25,8 @@ struct Plant {
     demand: Vec<(String, ThrottleClass, f64)>,
     fail_writes: bool,
     writes: u32,
+    /// A GPU drawing this much when not limited (W), if the plant has one.
+    gpu_demand_watts: Option<f64>,
     /// The socket's temperature: moves a fifth of the way each interval
     /// towards 30 °C + 0.5 °C per watt (thermal inertia).
     celsius: f64,
@@ -45,6 +47,7 @@ impl Actuator for PlantHandle {
                 limit_uw: 250_000_000,
                 enabled: false,
             },
+            Target::GpuPower { .. } => Limit::GpuPower { limit_mw: 300_000 },
         }))
     }
 
@@ -112,17 +115,28 @@ impl PlantHandle {
         {
             watts = watts.min(*limit_uw as f64 / 1e6);
         }
+        let mut gpu_watts = BTreeMap::new();
+        if let Some(demand) = plant.gpu_demand_watts {
+            let limit = match plant.limits.get(&Target::GpuPower { index: 0 }) {
+                Some(Limit::GpuPower { limit_mw }) => f64::from(*limit_mw) / 1e3,
+                _ => 300.0,
+            };
+            gpu_watts.insert(0, demand.min(limit));
+        }
+        let package = watts;
+        let watts = watts + gpu_watts.values().sum::<f64>();
         if plant.celsius == 0.0 {
             // A cold start.
             plant.celsius = 40.0;
         }
-        plant.celsius += (30.0 + 0.5 * watts - plant.celsius) / 5.0;
+        plant.celsius += (30.0 + 0.5 * package - plant.celsius) / 5.0;
         Observation {
             sequence,
             node_watts: Some(watts),
             containers,
-            package_watts: BTreeMap::from([(0, watts)]),
+            package_watts: BTreeMap::from([(0, package)]),
             package_celsius: BTreeMap::from([(0, (plant.celsius, CRITICAL_CELSIUS))]),
+            gpu_watts,
         }
     }
 
@@ -148,9 +162,9 @@ fn controller(plant: &PlantHandle, mode: Mode, budget: f64, state: &std::path::P
             ..ControllerSettings::default()
         },
         Box::new(plant.clone()),
-        vec![PackageZone {
+        vec![CapZone {
             target: package(),
-            socket: 0,
+            index: 0,
             max_watts: Some(250.0),
             min_watts: Some(40.0),
         }],
@@ -331,9 +345,9 @@ fn the_thermal_guard_keeps_a_hot_socket_under_its_critical_temperature() {
             ..ControllerSettings::default()
         },
         Box::new(plant.clone()),
-        vec![PackageZone {
+        vec![CapZone {
             target: package(),
-            socket: 0,
+            index: 0,
             max_watts: Some(250.0),
             min_watts: Some(40.0),
         }],
@@ -357,4 +371,65 @@ fn the_thermal_guard_keeps_a_hot_socket_under_its_critical_temperature() {
         None,
         "no budget: no container throttled"
     );
+}
+
+#[test]
+fn devices_share_the_cut_by_their_draw_above_the_floor_within_their_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let plant = PlantHandle::new(&DEMAND);
+    plant.0.lock().unwrap().gpu_demand_watts = Some(250.0);
+    let gpu = Target::GpuPower { index: 0 };
+    let mut controller = Controller::new(
+        ControllerSettings {
+            mode: Mode::Enforce,
+            budget_watts: Some(250.0),
+            state_file: dir.path().join("state.json"),
+            ..ControllerSettings::default()
+        },
+        Box::new(plant.clone()),
+        vec![
+            CapZone {
+                target: package(),
+                index: 0,
+                max_watts: Some(250.0),
+                min_watts: Some(40.0),
+            },
+            // An H100-like range: 200 W to 700 W, at 300 W now.
+            CapZone {
+                target: gpu.clone(),
+                index: 0,
+                max_watts: Some(700.0),
+                min_watts: Some(200.0),
+            },
+        ],
+        4,
+    )
+    .unwrap();
+    // 140 W of CPU load and 250 W of GPU: 390 W against 250 W.
+    let power = run(&mut controller, &plant, 1, 60);
+    let limits = plant.0.lock().unwrap().limits.clone();
+    let gpu_cap = match limits.get(&gpu) {
+        Some(Limit::GpuPower { limit_mw }) => f64::from(*limit_mw) / 1e3,
+        other => panic!("GPU not capped: {other:?}"),
+    };
+    let package_cap = match limits.get(&package()) {
+        Some(Limit::PowerCap { limit_uw, .. }) => *limit_uw as f64 / 1e6,
+        other => panic!("package not capped: {other:?}"),
+    };
+    eprintln!(
+        "390 W of demand, budget 250 W: final {:.1} W; GPU capped at {gpu_cap:.1} W (250 W demand), package at {package_cap:.1} W",
+        power[59]
+    );
+    assert!(power[59] <= 250.0, "{power:?}");
+    assert!(
+        gpu_cap >= 200.0 && gpu_cap <= 300.0,
+        "within the GPU's range"
+    );
+    assert!(package_cap >= 40.0);
+    // Both containers at the floor first, then the devices by draw above
+    // their floors: the GPU 250 − 200 = 50 W, the socket 82 − 40 = 42 W.
+    assert!(plant.cores_allowed(DEMAND[0].0).unwrap() <= 0.06);
+    assert_eq!(plant.cores_allowed(DEMAND[2].0), None);
+    let ratio = (250.0 - gpu_cap) / (82.0 - package_cap);
+    assert!((ratio - 50.0 / 42.0).abs() < 0.15, "cut ratio {ratio}");
 }
