@@ -421,10 +421,7 @@ fn devices_share_the_cut_by_their_draw_above_the_floor_within_their_limits() {
         power[59]
     );
     assert!(power[59] <= 250.0, "{power:?}");
-    assert!(
-        gpu_cap >= 200.0 && gpu_cap <= 300.0,
-        "within the GPU's range"
-    );
+    assert!((200.0..=300.0).contains(&gpu_cap), "within the GPU's range");
     assert!(package_cap >= 40.0);
     // Both containers at the floor first, then the devices by draw above
     // their floors: the GPU 250 − 200 = 50 W, the socket 82 − 40 = 42 W.
