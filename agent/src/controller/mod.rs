@@ -4,6 +4,7 @@
 //! - [`settings`]: the `[controller]` table, checked at start.
 //! - [`budget`]: the node-budget policy (PI, least harm first).
 //! - [`thermal`]: the thermal guard (a cap that follows temperature).
+//! - [`efficiency`]: the per-device search for the cheapest energy-time limit.
 //! - [`actuators`]: RAPL package limits and container CPU bandwidth.
 //! - [`state`]: originals on disk before the first write; restored on exit
 //!   and, after a crash, on the next start before anything else.
@@ -16,6 +17,7 @@
 
 pub mod actuators;
 pub mod budget;
+pub mod efficiency;
 pub mod settings;
 pub mod state;
 pub mod thermal;
@@ -64,6 +66,11 @@ pub struct Observation {
     pub package_celsius: BTreeMap<u32, (f64, f64)>,
     /// GPU power per NVML index.
     pub gpu_watts: BTreeMap<u32, f64>,
+    /// Seconds the interval lasted.
+    pub interval_seconds: f64,
+    /// CPU time delivered in the interval, all CPUs (the efficiency
+    /// search's work signal for packages).
+    pub cpu_seconds: f64,
 }
 
 impl Observation {
@@ -119,6 +126,8 @@ impl Observation {
             .iter()
             .filter_map(|gpu| Some((gpu.index, gpu.power_watts?)))
             .collect();
+        let interval_seconds = figures.interval_seconds;
+        let cpus = figures.node.cpu_busy_seconds_by_cpu.len().max(1) as f64;
         Self {
             sequence: figures.sequence,
             node_watts,
@@ -126,6 +135,8 @@ impl Observation {
             package_watts,
             package_celsius,
             gpu_watts,
+            interval_seconds,
+            cpu_seconds: figures.node.cpu_utilization * cpus * interval_seconds,
         }
     }
 }
@@ -219,6 +230,8 @@ pub struct Controller {
     last_measured: Option<f64>,
     /// The thermal guard's state per socket.
     thermal: BTreeMap<u32, thermal::ThermalGuard>,
+    /// The efficiency search's state per socket.
+    efficiency: BTreeMap<u32, efficiency::EfficiencySearch>,
 }
 
 impl Controller {
@@ -257,6 +270,7 @@ impl Controller {
             stale: false,
             last_measured: None,
             thermal: BTreeMap::new(),
+            efficiency: BTreeMap::new(),
         })
     }
 
@@ -426,10 +440,38 @@ impl Controller {
                 }
                 _ => None,
             };
-            let (cap, why) = match (*budget_cap, thermal_cap) {
-                (Some(b), Some(t)) if t < b => (Some(t), "thermal guard".to_owned()),
-                (None, Some(t)) => (Some(t), "thermal guard".to_owned()),
-                (cap, _) => (cap, reason.clone()),
+            // The efficiency search's limit: a ceiling for the others.
+            let efficiency_cap = if self.settings.efficiency_search {
+                let search = self.efficiency.entry(socket).or_insert_with(|| {
+                    efficiency::EfficiencySearch::new(
+                        device.floor_watts,
+                        device.ceiling_watts,
+                        self.settings.efficiency_eta,
+                    )
+                });
+                let limit = search.step(
+                    device.watts * observation.interval_seconds,
+                    observation.cpu_seconds,
+                    observation.interval_seconds,
+                );
+                (limit < device.ceiling_watts).then_some(limit)
+            } else {
+                None
+            };
+            let lowest = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let cap = lowest(lowest(*budget_cap, thermal_cap), efficiency_cap);
+            let why = if cap.is_some() && cap == thermal_cap {
+                "thermal guard".to_owned()
+            } else if cap.is_some() && cap == efficiency_cap && cap != *budget_cap {
+                format!(
+                    "efficiency search (eta {}): cheapest energy-time limit",
+                    self.settings.efficiency_eta
+                )
+            } else {
+                reason.clone()
             };
             let why = match (why.as_str(), observation.package_celsius.get(&socket)) {
                 ("thermal guard", Some((celsius, critical))) => format!(
@@ -633,6 +675,19 @@ impl Controller {
     pub fn status(&self) -> ControllerStatus {
         let budget = self.settings.budget_watts;
         let mut policies = BTreeMap::new();
+        policies.insert(
+            "efficiency_search".to_owned(),
+            if self.settings.efficiency_search {
+                let limits: Vec<String> = self
+                    .efficiency
+                    .iter()
+                    .map(|(socket, search)| format!("socket {socket}: {:.1} W", search.limit()))
+                    .collect();
+                format!("on ({})", limits.join(", "))
+            } else {
+                "off".to_owned()
+            },
+        );
         policies.insert(
             "thermal_guard".to_owned(),
             match self.settings.thermal_margin_celsius {

@@ -82,8 +82,12 @@ pub struct ControllerSettings {
     /// Where the original value of everything written is kept, so it can be
     /// restored after a crash.
     pub state_file: PathBuf,
-    /// Refused for now: the search is not implemented yet.
+    /// Search each RAPL package's limit for the least energy-time cost of
+    /// the CPU time delivered (see `efficiency`); off by default.
     pub efficiency_search: bool,
+    /// Weight of energy against time in that cost: 1 = energy only, 0 =
+    /// time only.
+    pub efficiency_eta: f64,
 }
 
 pub const DEFAULT_STATE_FILE: &str = "/var/lib/powerlens/controller-state.json";
@@ -99,6 +103,7 @@ impl Default for ControllerSettings {
             ceiling_watts: DeviceWatts::default(),
             state_file: PathBuf::from(DEFAULT_STATE_FILE),
             efficiency_search: false,
+            efficiency_eta: 0.5,
         }
     }
 }
@@ -161,11 +166,10 @@ impl ControllerSettings {
             }
             seen.push(*class);
         }
-        if self.efficiency_search {
+        if !(self.efficiency_eta.is_finite() && (0.0..=1.0).contains(&self.efficiency_eta)) {
             return Err((
-                "controller.efficiency_search",
-                "the efficiency search is not in this version of powerlens yet; leave it false"
-                    .to_owned(),
+                "controller.efficiency_eta",
+                format!("{} is outside 0..=1", self.efficiency_eta),
             ));
         }
         if self.state_file.as_os_str().is_empty() {

@@ -137,6 +137,8 @@ impl PlantHandle {
             package_watts: BTreeMap::from([(0, package)]),
             package_celsius: BTreeMap::from([(0, (plant.celsius, CRITICAL_CELSIUS))]),
             gpu_watts,
+            interval_seconds: 1.0,
+            cpu_seconds: 0.0,
         }
     }
 
@@ -429,4 +431,67 @@ fn devices_share_the_cut_by_their_draw_above_the_floor_within_their_limits() {
     assert_eq!(plant.cores_allowed(DEMAND[2].0), None);
     let ratio = (250.0 - gpu_cap) / (82.0 - package_cap);
     assert!((ratio - 50.0 / 42.0).abs() < 0.15, "cut ratio {ratio}");
+}
+
+#[test]
+fn the_efficiency_search_holds_the_socket_at_its_cheapest_energy_per_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let plant = PlantHandle::new(&[]);
+    let mut controller = Controller::new(
+        ControllerSettings {
+            mode: Mode::Enforce,
+            budget_watts: None,
+            efficiency_search: true,
+            efficiency_eta: 1.0,
+            state_file: dir.path().join("state.json"),
+            ..ControllerSettings::default()
+        },
+        Box::new(plant.clone()),
+        vec![CapZone {
+            target: package(),
+            index: 0,
+            max_watts: Some(250.0),
+            min_watts: Some(40.0),
+        }],
+        4,
+    )
+    .unwrap();
+    // A busy socket that would draw 200 W, idles at 60 W, and whose speed
+    // grows with the cube root of the power above that.
+    let limit_now = || match plant.0.lock().unwrap().limits.get(&package()) {
+        Some(Limit::PowerCap {
+            limit_uw,
+            enabled: true,
+        }) => *limit_uw as f64 / 1e6,
+        _ => 250.0,
+    };
+    for sequence in 1..=40 {
+        let watts = limit_now().min(200.0);
+        controller.step(&Observation {
+            sequence,
+            node_watts: Some(watts),
+            containers: Vec::new(),
+            package_watts: BTreeMap::from([(0, watts)]),
+            package_celsius: BTreeMap::new(),
+            gpu_watts: BTreeMap::new(),
+            interval_seconds: 1.0,
+            cpu_seconds: (watts - 60.0).max(0.0).cbrt(),
+        });
+    }
+    let held = limit_now();
+    eprintln!(
+        "efficiency search, eta 1: held at {held:.1} W ({})",
+        controller.status().policies["efficiency_search"]
+    );
+    // Levels 250, 197.5, 145, 92.5, 40 W; energy per work is least at 92.5.
+    assert!((held - 92.5).abs() < 0.01, "{held}");
+    assert!(
+        controller
+            .status()
+            .decisions
+            .iter()
+            .any(|d| d.reason.contains("efficiency search")),
+        "{:?}",
+        controller.status().decisions
+    );
 }
