@@ -168,6 +168,7 @@ fn run(overrides: &Overrides) -> anyhow::Result<()> {
                 &settings,
                 &shared,
                 config.export_processes,
+                controller.is_some().then(|| Arc::clone(&controller_status)),
                 runtime.handle(),
             )
             .context("starting the OTLP export")?,

@@ -294,7 +294,8 @@ fn otlp_http_exports_an_exited_container_once_more_then_stops_its_series() {
     env.push(("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"));
     let endpoint = format!("http://{}", receiver.address);
     env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint));
-    let agent = Agent::start_with_env("250ms", &[], &env);
+    // With a budget, the controller (observe mode) exports its figures too.
+    let agent = Agent::start_with_env("250ms", &["--budget-watts", "500"], &env);
     let burner = spawn_in(Some(&cgroup), &workload_binary(), &["burn", "1.5"]);
     burner.wait_output();
     drop(cgroup);
@@ -327,6 +328,28 @@ fn otlp_http_exports_an_exited_container_once_more_then_stops_its_series() {
         newest >= last.time_unix_nano + 1_000_000_000,
         "its series stopped while the others went on (last {} vs newest {newest})",
         last.time_unix_nano
+    );
+    let headroom = points
+        .iter()
+        .rfind(|p| p.metric == "powerlens.controller.headroom")
+        .expect("the controller's headroom over OTLP");
+    let (_, node) = agent.get("/api/v1/node");
+    println!(
+        "controller headroom over OTLP: {:.3} W (budget 500 W)",
+        headroom.value
+    );
+    assert_eq!(headroom.unit, "W");
+    assert_eq!(
+        headroom
+            .attributes
+            .get("powerlens.controller.mode")
+            .map(String::as_str),
+        Some("observe")
+    );
+    assert!(
+        headroom.value > 0.0 && headroom.value < 500.0,
+        "500 W minus the node's measured power: {} ({node})",
+        headroom.value
     );
     drop(agent);
 }

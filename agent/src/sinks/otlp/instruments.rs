@@ -616,3 +616,95 @@ pub fn register(meter: &Meter, observed: Observed) {
         Box::new(|o| agent_points(o, AgentFigure::ExportFailures)),
     );
 }
+
+/// The power-cap controller's budget, headroom and limits in force, so a
+/// scheduler or autoscaler downstream can place work where there is room.
+pub fn register_controller(meter: &Meter, controller: crate::controller::SharedControllerStatus) {
+    let status = move || {
+        controller
+            .read()
+            .map(|status| status.clone())
+            .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+    };
+    let status = Arc::new(status);
+    type Pick = fn(&crate::controller::ControllerStatus) -> Points;
+    let gauges: [(&'static str, &'static str, &'static str, Pick); 4] = [
+        (
+            "powerlens.controller.budget",
+            "W",
+            "The node power budget the controller holds (observe mode: would hold).",
+            |s| {
+                s.budget_watts
+                    .map(|watts| {
+                        vec![(
+                            watts,
+                            vec![KeyValue::new("powerlens.controller.mode", s.mode.clone())],
+                        )]
+                    })
+                    .unwrap_or_default()
+            },
+        ),
+        (
+            "powerlens.controller.headroom",
+            "W",
+            "Budget minus measured node power (negative: over budget).",
+            |s| {
+                s.headroom_watts
+                    .map(|watts| {
+                        vec![(
+                            watts,
+                            vec![KeyValue::new("powerlens.controller.mode", s.mode.clone())],
+                        )]
+                    })
+                    .unwrap_or_default()
+            },
+        ),
+        (
+            "powerlens.controller.cap",
+            "W",
+            "A device power cap the controller has in force.",
+            |s| {
+                s.targets
+                    .iter()
+                    .filter_map(|t| {
+                        Some((
+                            t.cap_watts?,
+                            vec![KeyValue::new(
+                                "powerlens.controller.target",
+                                t.target.clone(),
+                            )],
+                        ))
+                    })
+                    .collect()
+            },
+        ),
+        (
+            "powerlens.controller.cpu_limit",
+            "{cpu}",
+            "CPUs a container is held to by the controller.",
+            |s| {
+                s.targets
+                    .iter()
+                    .filter_map(|t| {
+                        Some((
+                            t.cpu_limit_cpus?,
+                            vec![KeyValue::new(
+                                "powerlens.controller.target",
+                                t.target.clone(),
+                            )],
+                        ))
+                    })
+                    .collect()
+            },
+        ),
+    ];
+    for (name, unit, description, pick) in gauges {
+        let status = Arc::clone(&status);
+        meter
+            .f64_observable_gauge(name)
+            .with_unit(unit)
+            .with_description(description)
+            .with_callback(move |observer| observe(observer, pick(&status())))
+            .build();
+    }
+}

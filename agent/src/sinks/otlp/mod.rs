@@ -252,6 +252,7 @@ pub fn start(
     settings: &OtlpSettings,
     shared: &SharedSnapshot,
     export_processes: bool,
+    controller: Option<crate::controller::SharedControllerStatus>,
     runtime: &tokio::runtime::Handle,
 ) -> Result<OtlpSink, OtlpError> {
     let exporter = build_exporter(settings, runtime)?;
@@ -286,6 +287,9 @@ pub fn start(
             export_processes,
         ),
     );
+    if let Some(controller) = controller {
+        instruments::register_controller(&meter, controller);
+    }
     shared.exports().otlp_started();
     info!(
         endpoint = %settings.endpoint,
