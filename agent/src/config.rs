@@ -240,6 +240,22 @@ pub struct Overrides {
     /// Where the controller keeps the originals of what it changed.
     #[arg(long, env = "POWERLENS_CONTROLLER_STATE_FILE")]
     pub controller_state_file: Option<PathBuf>,
+    /// Container classes the controller may throttle, in order
+    /// (`besteffort,burstable`).
+    #[arg(long, env = "POWERLENS_CONTROLLER_THROTTLE_CLASSES", value_parser = parse_throttle_classes)]
+    pub throttle_classes: Option<Vec<crate::controller::settings::ThrottleClass>>,
+    /// Lowest caps per device kind (`package=60,gpu=150`).
+    #[arg(long, env = "POWERLENS_CONTROLLER_FLOOR_WATTS", value_parser = parse_device_watts)]
+    pub floor_watts: Option<crate::controller::settings::DeviceWatts>,
+    /// Highest caps per device kind (`package=205,gpu=700`).
+    #[arg(long, env = "POWERLENS_CONTROLLER_CEILING_WATTS", value_parser = parse_device_watts)]
+    pub ceiling_watts: Option<crate::controller::settings::DeviceWatts>,
+    /// Search each socket's cheapest energy-time limit.
+    #[arg(long, env = "POWERLENS_CONTROLLER_EFFICIENCY_SEARCH")]
+    pub efficiency_search: bool,
+    /// Weight of energy against time in that search (0..=1).
+    #[arg(long, env = "POWERLENS_CONTROLLER_EFFICIENCY_ETA")]
+    pub efficiency_eta: Option<f64>,
     /// File with the bearer token the API and /metrics ask for.
     #[arg(long, env = "POWERLENS_API_TOKEN_FILE")]
     pub api_token_file: Option<PathBuf>,
@@ -247,6 +263,37 @@ pub struct Overrides {
     /// OTEL_EXPORTER_OTLP_ENDPOINT and the file's `otlp.endpoint`.
     #[arg(long, env = "POWERLENS_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+}
+
+fn parse_throttle_classes(
+    text: &str,
+) -> Result<Vec<crate::controller::settings::ThrottleClass>, String> {
+    use crate::controller::settings::ThrottleClass;
+    text.split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .map(|part| match part {
+            "besteffort" => Ok(ThrottleClass::Besteffort),
+            "burstable" => Ok(ThrottleClass::Burstable),
+            "guaranteed" => Ok(ThrottleClass::Guaranteed),
+            "container" => Ok(ThrottleClass::Container),
+            other => Err(format!(
+                "{other:?} is not a class: besteffort, burstable, guaranteed or container"
+            )),
+        })
+        .collect()
+}
+
+fn parse_device_watts(text: &str) -> Result<crate::controller::settings::DeviceWatts, String> {
+    let mut watts = crate::controller::settings::DeviceWatts::default();
+    for (kind, value) in parse_idle_watts(text)? {
+        match kind.as_str() {
+            "package" => watts.package = Some(value),
+            "gpu" => watts.gpu = Some(value),
+            other => return Err(format!("{other:?} is not a device kind: package or gpu")),
+        }
+    }
+    Ok(watts)
 }
 
 fn parse_idle_watts(text: &str) -> Result<BTreeMap<String, f64>, String> {
@@ -375,6 +422,21 @@ impl Config {
         }
         if let Some(v) = &o.controller_state_file {
             self.controller.state_file = v.clone();
+        }
+        if let Some(v) = &o.throttle_classes {
+            self.controller.throttle_classes = v.clone();
+        }
+        if let Some(v) = o.floor_watts {
+            self.controller.floor_watts = v;
+        }
+        if let Some(v) = o.ceiling_watts {
+            self.controller.ceiling_watts = v;
+        }
+        if o.efficiency_search {
+            self.controller.efficiency_search = true;
+        }
+        if let Some(v) = o.efficiency_eta {
+            self.controller.efficiency_eta = v;
         }
     }
 

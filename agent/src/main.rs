@@ -281,6 +281,16 @@ fn start_controller(
         zones.extend(gpu_zones(gpus.as_ref()));
     }
     let actuator = NodeActuator { files, gpus };
+    // A budget no setting of the levers can reach is a mistake: say so.
+    let hardware_minimum: f64 = zones.iter().filter_map(|zone| zone.min_watts).sum();
+    if let Some(budget) = settings.budget_watts
+        && settings.mode != Mode::Off
+        && budget < hardware_minimum
+    {
+        anyhow::bail!(
+            "invalid `controller.budget_watts`: {budget} W is below the hardware's minimum of {hardware_minimum} W (the sum of the package and GPU minimum power limits)"
+        );
+    }
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     info!(
         mode = settings.mode.as_str(),

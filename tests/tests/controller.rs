@@ -338,3 +338,64 @@ fn enforce_squeezes_besteffort_keeps_guaranteed_holds_the_budget_and_a_kill_leav
         "nothing left to restore after a clean stop"
     );
 }
+
+#[test]
+fn a_budget_below_the_hardware_minimum_is_refused_at_start_naming_the_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let zone = dir.path().join("powercap/intel-rapl:0");
+    std::fs::create_dir_all(&zone).expect("zone");
+    for (file, value) in [
+        ("name", "package-0"),
+        ("energy_uj", "1000"),
+        ("max_energy_range_uj", "262143328850"),
+        ("constraint_0_power_limit_uw", ORIGINAL_LIMIT_UW),
+        ("constraint_0_min_power_uw", "30000000"),
+        ("enabled", "0"),
+    ] {
+        std::fs::write(zone.join(file), format!("{value}\n")).expect("fixture");
+    }
+    let run = |extra: &[&str]| {
+        std::process::Command::new(integration_tests::sibling_binary("powerlens"))
+            .args([
+                "run",
+                "--no-table",
+                "--listen",
+                "127.0.0.1:0",
+                "--method",
+                "procfs",
+            ])
+            .arg("--powercap-root")
+            .arg(dir.path().join("powercap"))
+            .arg("--controller-state-file")
+            .arg(dir.path().join("state.json"))
+            .args(extra)
+            .output()
+            .expect("run powerlens")
+    };
+    let output = run(&["--controller-mode", "enforce", "--budget-watts", "10"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("controller.budget_watts") && stderr.contains("30 W"),
+        "{stderr}"
+    );
+    for (flags, field) in [
+        (&["--budget-watts=-5"][..], "controller.budget_watts"),
+        (
+            &[
+                "--floor-watts",
+                "package=90",
+                "--ceiling-watts",
+                "package=50",
+            ][..],
+            "controller.floor_watts",
+        ),
+        (&["--throttle-classes", "besteffort,premium"][..], "premium"),
+        (&["--efficiency-eta", "2"][..], "controller.efficiency_eta"),
+    ] {
+        let output = run(flags);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{flags:?} must be refused");
+        assert!(stderr.contains(field), "{flags:?}: {stderr}");
+    }
+}
