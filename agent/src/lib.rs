@@ -17,6 +17,7 @@ pub mod cpu;
 pub mod ebpf;
 pub mod energy;
 pub mod procinfo;
+pub mod query;
 pub mod sinks;
 pub mod snapshot;
 pub mod table;

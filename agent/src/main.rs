@@ -49,6 +49,9 @@ struct Cli {
 enum Command {
     /// Measure, print a table every interval and serve the JSON API.
     Run(Overrides),
+    /// Ask the running agent: how many joules, how many watts.
+    #[command(after_help = powerlens::query::EXIT_CODES_HELP)]
+    Query(powerlens::query::QueryArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -62,6 +65,18 @@ fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Run(overrides) => run(&overrides),
+        Command::Query(args) => match powerlens::query::run(&args) {
+            Ok(text) => {
+                let mut stdout = std::io::stdout().lock();
+                let _ = stdout.write_all(text.as_bytes());
+                let _ = stdout.flush();
+                Ok(())
+            }
+            Err(failure) => {
+                eprintln!("powerlens query: {}", failure.message);
+                std::process::exit(failure.code);
+            }
+        },
     }
 }
 
