@@ -48,7 +48,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Measure, print a table every interval and serve the JSON API.
-    Run(Overrides),
+    Run(Box<Overrides>),
     /// Ask the running agent: how many joules, how many watts.
     #[command(after_help = powerlens::query::EXIT_CODES_HELP)]
     Query(powerlens::query::QueryArgs),
