@@ -21,6 +21,7 @@ pub mod query;
 pub mod sinks;
 pub mod snapshot;
 pub mod table;
+pub mod top;
 pub mod topology;
 pub mod view;
 

@@ -52,6 +52,8 @@ enum Command {
     /// Ask the running agent: how many joules, how many watts.
     #[command(after_help = powerlens::query::EXIT_CODES_HELP)]
     Query(powerlens::query::QueryArgs),
+    /// A live view of where the node's power goes (q quits).
+    Top(powerlens::top::TopArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -65,6 +67,10 @@ fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Run(overrides) => run(&overrides),
+        Command::Top(args) => powerlens::top::run(&args).map_err(|failure| {
+            eprintln!("powerlens top: {}", failure.message);
+            std::process::exit(failure.code)
+        }),
         Command::Query(args) => match powerlens::query::run(&args) {
             Ok(text) => {
                 let mut stdout = std::io::stdout().lock();

@@ -116,3 +116,78 @@ fn query_answers_from_the_running_agent_and_fails_with_distinct_codes() {
     let (code, _, stderr) = query(&url, &["containers", "--sort", "loudness"]);
     assert_eq!(code, 2, "malformed flag: {stderr}");
 }
+
+fn tmux(args: &[&str]) -> String {
+    let output = Command::new("tmux").args(args).output().expect("tmux");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn top_shows_the_node_and_its_containers_in_a_real_terminal_and_quits_cleanly() {
+    if !require_root() {
+        return;
+    }
+    if Command::new("tmux").arg("-V").output().is_err() {
+        eprintln!("skipping: tmux is not installed (`cargo xtask setup` installs it)");
+        return;
+    }
+    let agent = Agent::start(&["--method", "ebpf"]);
+    let container_id = random_hex(64);
+    let cgroup = kubernetes_cgroup(&container_id, &random_uuid());
+    let _burner = spawn_in(Some(&cgroup), &workload_binary(), &["burn", "30"]);
+    agent.wait_intervals(2);
+    let session = format!("powerlens-top-{}", random_hex(6));
+    let command = format!(
+        "{} top --agent {} --every 0.5",
+        sibling_binary("powerlens").display(),
+        agent.base_url
+    );
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "120",
+        "-y",
+        "30",
+        &command,
+    ]);
+    struct Session(String);
+    impl Drop for Session {
+        fn drop(&mut self) {
+            let _ = Command::new("tmux")
+                .args(["kill-session", "-t", &self.0])
+                .output();
+        }
+    }
+    let _guard = Session(session.clone());
+    let mut screen = String::new();
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(200));
+        screen = tmux(&["capture-pane", "-p", "-t", &session]);
+        if screen.contains(&container_id[..12]) {
+            break;
+        }
+    }
+    eprintln!("{screen}");
+    assert!(screen.contains("powerlens top"), "{screen}");
+    assert!(screen.contains("containers by power"), "{screen}");
+    assert!(screen.contains(&container_id[..12]), "{screen}");
+    // Processes, then quit: the pane (and so top) is gone.
+    tmux(&["send-keys", "-t", &session, "r"]);
+    std::thread::sleep(Duration::from_millis(800));
+    let processes = tmux(&["capture-pane", "-p", "-t", &session]);
+    assert!(processes.contains("processes by power"), "{processes}");
+    tmux(&["send-keys", "-t", &session, "q"]);
+    let mut gone = false;
+    for _ in 0..25 {
+        std::thread::sleep(Duration::from_millis(200));
+        let listed = tmux(&["list-sessions", "-F", "#{session_name}"]);
+        if !listed.lines().any(|name| name == session) {
+            gone = true;
+            break;
+        }
+    }
+    assert!(gone, "q quits top");
+}

@@ -45,7 +45,7 @@ enum Task {
 const LLVM_MAJOR: u32 = 22;
 const BPF_LINKER_VERSION: &str = "0.13";
 /// Debian packages, each with a file that shows it is installed.
-const APT_PACKAGES: [(&str, &str); 10] = [
+const APT_PACKAGES: [(&str, &str); 11] = [
     // bpf-linker's LLVM.
     ("llvm-22-dev", "/usr/lib/llvm-22/bin/llvm-config"),
     ("libpolly-22-dev", "/usr/lib/llvm-22/lib/libPolly.a"),
@@ -63,6 +63,8 @@ const APT_PACKAGES: [(&str, &str); 10] = [
         "/usr/aarch64-linux-gnu/include/stdio.h",
     ),
     ("xz-utils", "/usr/bin/xz"),
+    // A real terminal for `powerlens top`'s test.
+    ("tmux", "/usr/bin/tmux"),
 ];
 /// The arm64 target the agent is also built for.
 const ARM64_TARGET: &str = "aarch64-unknown-linux-gnu";
