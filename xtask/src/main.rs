@@ -395,6 +395,16 @@ fn setup() -> anyhow::Result<()> {
         )?;
     }
 
+    // 3b. Python tools the deploy tests run (offline Kubernetes schemas).
+    if output_of("kubernetes-validate", &["--version"]).is_none() {
+        run_step(
+            "installing kubernetes-validate (PyPI)",
+            "python3",
+            &["-m", "pip", "install", "--quiet", "kubernetes-validate"],
+            None,
+        )?;
+    }
+
     // 4. Kernels for the kernel-floor test (a download that fails is a
     //    warning: that test then says it skipped).
     fetch_test_kernels(&workspace_root().join("target/kernels"));

@@ -1,0 +1,154 @@
+//! The deployment files, checked: the Kubernetes manifests against their
+//! kinds' schemas (offline, `kubernetes-validate`), the ConfigMap's
+//! embedded config with the agent's own parser, the systemd unit with
+//! `systemd-analyze verify`. Tools are installed by `cargo xtask setup`; a
+//! test says it skipped when its tool is missing.
+
+use std::{path::Path, process::Command};
+
+fn deploy() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy"))
+}
+
+fn manifests() -> Vec<std::path::PathBuf> {
+    let mut files: Vec<_> = std::fs::read_dir(deploy().join("kubernetes"))
+        .expect("deploy/kubernetes")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .filter(|p| p.file_name().is_some_and(|n| n != "kustomization.yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_kubernetes_manifest_validates_against_its_schema() {
+    if Command::new("kubernetes-validate")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!(
+            "skipping: kubernetes-validate is not installed (`cargo xtask setup` installs it)"
+        );
+        return;
+    }
+    let files = manifests();
+    assert!(files.len() >= 5, "{files:?}");
+    let output = Command::new("kubernetes-validate")
+        .args(["--kubernetes-version", "1.30.0", "--strict"])
+        .args(&files)
+        .output()
+        .expect("kubernetes-validate");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    eprintln!("{text}");
+    assert!(output.status.success(), "{text}");
+    assert_eq!(text.matches("passed").count(), files.len(), "{text}");
+    // Every manifest is in the kustomization.
+    let kustomization =
+        std::fs::read_to_string(deploy().join("kubernetes/kustomization.yaml")).expect("read");
+    for file in &files {
+        let name = file.file_name().unwrap().to_string_lossy();
+        assert!(
+            kustomization.contains(&*name),
+            "{name} not in kustomization.yaml"
+        );
+    }
+}
+
+#[test]
+fn the_daemonset_asks_for_exactly_the_capabilities_the_agent_needs() {
+    let text = std::fs::read_to_string(deploy().join("kubernetes/daemonset.yaml")).expect("read");
+    assert!(text.contains("privileged: false"));
+    assert!(text.contains("drop: [\"ALL\"]"));
+    assert!(text.contains("readOnlyRootFilesystem: true"));
+    assert!(text.contains("hostPID: true"));
+    assert!(!text.contains("- SYS_ADMIN"), "no CAP_SYS_ADMIN");
+    let added: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| *l != "add:")
+        .skip(1)
+        .take_while(|l| !l.starts_with("seccompProfile"))
+        .filter_map(|l| l.strip_prefix("- "))
+        .collect();
+    assert_eq!(added, ["BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH"]);
+}
+
+/// The `powerlens.toml` block of the ConfigMap, unindented.
+fn embedded_config() -> String {
+    let text = std::fs::read_to_string(deploy().join("kubernetes/configmap.yaml")).expect("read");
+    let block = text
+        .split_once("powerlens.toml: |\n")
+        .expect("powerlens.toml in the ConfigMap")
+        .1;
+    block
+        .lines()
+        .map(|line| line.strip_prefix("    ").unwrap_or(line.trim_start()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn the_configmaps_config_is_one_the_agent_parses() {
+    let text = embedded_config();
+    let config = powerlens::config::Config::from_toml(&text, Path::new("configmap.yaml"))
+        .unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(config.listen.to_string(), "127.0.0.1:9876");
+    assert_eq!(
+        config.otlp.endpoint.as_deref(),
+        Some("http://otel-collector.powerlens.svc:4317")
+    );
+    assert_eq!(
+        config.controller.mode,
+        powerlens::controller::settings::Mode::Observe
+    );
+}
+
+#[test]
+fn the_systemd_unit_verifies() {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipping: systemd-analyze is not installed");
+        return;
+    }
+    // The unit names /usr/local/bin/powerlens; verify a copy that names the
+    // binary built here (verify checks that ExecStart exists).
+    let unit = std::fs::read_to_string(deploy().join("systemd/powerlens.service")).expect("read");
+    let binary = integration_tests::sibling_binary("powerlens");
+    let copy = unit.replace("/usr/local/bin/powerlens", &binary.display().to_string());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("powerlens.service");
+    std::fs::write(&path, copy).expect("write");
+    let output = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze");
+    let text = String::from_utf8_lossy(&output.stderr).into_owned()
+        + &String::from_utf8_lossy(&output.stdout);
+    // Lines about the machine (no running systemd in a container, other
+    // units' files) are not about our unit.
+    let ours: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains("powerlens.service"))
+        .collect();
+    eprintln!("{text}");
+    assert!(ours.is_empty(), "systemd-analyze verify: {ours:?}");
+    for option in [
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "StateDirectory=powerlens",
+        "Restart=on-failure",
+        "CapabilityBoundingSet=CAP_BPF CAP_PERFMON",
+    ] {
+        assert!(unit.contains(option), "{option}");
+    }
+}
