@@ -152,3 +152,59 @@ fn the_systemd_unit_verifies() {
         assert!(unit.contains(option), "{option}");
     }
 }
+
+#[test]
+fn the_seccomp_profile_is_the_runtime_default_plus_bpf_and_perf_event_open() {
+    let ours: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy().join("kubernetes/seccomp/powerlens.json")).expect("read"),
+    )
+    .expect("JSON");
+    let default_path = Path::new("/usr/share/containers/seccomp.json");
+    let Ok(default) = std::fs::read_to_string(default_path) else {
+        eprintln!(
+            "skipping the comparison: no {} (podman's containers-common)",
+            default_path.display()
+        );
+        return;
+    };
+    let default: serde_json::Value = serde_json::from_str(&default).expect("JSON");
+    // Every syscall name with its action and conditions, both ways.
+    let rules = |profile: &serde_json::Value| -> std::collections::BTreeSet<String> {
+        profile["syscalls"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|rule| {
+                let condition = format!(
+                    "{} {} {} {}",
+                    rule["action"], rule["args"], rule["includes"], rule["excludes"]
+                );
+                rule["names"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(move |name| format!("{} {condition}", name.as_str().unwrap_or("")))
+            })
+            .collect()
+    };
+    let (ours_rules, default_rules) = (rules(&ours), rules(&default));
+    let added: Vec<&String> = ours_rules.difference(&default_rules).collect();
+    let removed: Vec<&String> = default_rules.difference(&ours_rules).collect();
+    assert_eq!(ours["defaultAction"], default["defaultAction"]);
+    assert_eq!(added.len(), 2, "added: {added:?}");
+    assert!(
+        added
+            .iter()
+            .all(|r| r.starts_with("bpf \"SCMP_ACT_ALLOW\" [] {} {}")
+                || r.starts_with("perf_event_open \"SCMP_ACT_ALLOW\" [] {} {}")),
+        "{added:?}"
+    );
+    // What went: only the rules that tied those two to CAP_SYS_ADMIN.
+    assert_eq!(removed.len(), 4, "removed: {removed:?}");
+    assert!(
+        removed
+            .iter()
+            .all(|r| r.starts_with("bpf ") || r.starts_with("perf_event_open ")),
+        "{removed:?}"
+    );
+}

@@ -45,7 +45,7 @@ enum Task {
 const LLVM_MAJOR: u32 = 22;
 const BPF_LINKER_VERSION: &str = "0.13";
 /// Debian packages, each with a file that shows it is installed.
-const APT_PACKAGES: [(&str, &str); 11] = [
+const APT_PACKAGES: [(&str, &str); 14] = [
     // bpf-linker's LLVM.
     ("llvm-22-dev", "/usr/lib/llvm-22/bin/llvm-config"),
     ("libpolly-22-dev", "/usr/lib/llvm-22/lib/libPolly.a"),
@@ -65,7 +65,23 @@ const APT_PACKAGES: [(&str, &str); 11] = [
     ("xz-utils", "/usr/bin/xz"),
     // A real terminal for `powerlens top`'s test.
     ("tmux", "/usr/bin/tmux"),
+    // Building and running the image (runc: Debian's crun refuses hybrid
+    // cgroup layouts), from a debootstrap base (no registry reachable).
+    ("podman", "/usr/bin/podman"),
+    ("runc", "/usr/sbin/runc"),
+    ("debootstrap", "/usr/sbin/debootstrap"),
 ];
+/// The local base image the image test builds on.
+const IMAGE_BASE: &str = "localhost/powerlens-base:bookworm";
+/// podman's engine settings that work on this kind of machine: no process
+/// here has CAP_SYS_RESOURCE, so ulimits must stay under the hard limits.
+const CONTAINERS_CONF: &str = r#"[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+"#;
 /// The arm64 target the agent is also built for.
 const ARM64_TARGET: &str = "aarch64-unknown-linux-gnu";
 /// Kernels the kernel-floor test boots: (package index, package name
@@ -403,6 +419,44 @@ fn setup() -> anyhow::Result<()> {
             &["-m", "pip", "install", "--quiet", "kubernetes-validate"],
             None,
         )?;
+    }
+
+    // 3c. podman's settings and the local base image for the image test.
+    let conf = Path::new("/etc/containers/containers.conf");
+    if is_root() && !conf.exists() {
+        std::fs::create_dir_all("/etc/containers").context("creating /etc/containers")?;
+        std::fs::write(conf, CONTAINERS_CONF).context("writing containers.conf")?;
+        eprintln!("setup: wrote {}", conf.display());
+    }
+    let base_present = Command::new("podman")
+        .args(["image", "exists", IMAGE_BASE])
+        .status()
+        .is_ok_and(|s| s.success());
+    if is_root() && !base_present {
+        let rootfs = std::env::temp_dir().join("powerlens-base-rootfs");
+        let _ = std::fs::remove_dir_all(&rootfs);
+        let rootfs_text = rootfs.display().to_string();
+        run_step(
+            "making a Debian base image with debootstrap (~30 s, once)",
+            "debootstrap",
+            &[
+                "--variant=minbase",
+                "bookworm",
+                &rootfs_text,
+                "http://deb.debian.org/debian",
+            ],
+            None,
+        )?;
+        run_step(
+            "importing it into podman",
+            "sh",
+            &[
+                "-c",
+                &format!("tar -C '{rootfs_text}' -c . | podman import - {IMAGE_BASE}"),
+            ],
+            None,
+        )?;
+        let _ = std::fs::remove_dir_all(&rootfs);
     }
 
     // 4. Kernels for the kernel-floor test (a download that fails is a
