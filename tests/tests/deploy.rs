@@ -11,12 +11,19 @@ fn deploy() -> &'static Path {
 }
 
 fn manifests() -> Vec<std::path::PathBuf> {
-    let mut files: Vec<_> = std::fs::read_dir(deploy().join("kubernetes"))
-        .expect("deploy/kubernetes")
-        .flatten()
+    let mut files: Vec<_> = ["kubernetes", "otel-collector"]
+        .iter()
+        .flat_map(|dir| {
+            std::fs::read_dir(deploy().join(dir))
+                .expect("deploy dir")
+                .flatten()
+        })
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .filter(|p| p.file_name().is_some_and(|n| n != "kustomization.yaml"))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n != "kustomization.yaml" && n != "config.yaml")
+        })
         .collect();
     files.sort();
     files
@@ -45,15 +52,16 @@ fn every_kubernetes_manifest_validates_against_its_schema() {
         + &String::from_utf8_lossy(&output.stderr);
     eprintln!("{text}");
     assert!(output.status.success(), "{text}");
-    assert_eq!(text.matches("passed").count(), files.len(), "{text}");
-    // Every manifest is in the kustomization.
-    let kustomization =
-        std::fs::read_to_string(deploy().join("kubernetes/kustomization.yaml")).expect("read");
+    assert!(!text.contains("failed"), "{text}");
+    assert!(text.matches("passed").count() >= files.len(), "{text}");
+    // Every manifest is in its directory's kustomization.
     for file in &files {
+        let kustomization = std::fs::read_to_string(file.with_file_name("kustomization.yaml"))
+            .expect("kustomization.yaml");
         let name = file.file_name().unwrap().to_string_lossy();
         assert!(
             kustomization.contains(&*name),
-            "{name} not in kustomization.yaml"
+            "{name} not in its kustomization.yaml"
         );
     }
 }
@@ -207,4 +215,125 @@ fn the_seccomp_profile_is_the_runtime_default_plus_bpf_and_perf_event_open() {
             .all(|r| r.starts_with("bpf ") || r.starts_with("perf_event_open ")),
         "{removed:?}"
     );
+}
+
+#[test]
+fn the_manifests_and_the_dockerfile_pass_checkov_and_the_dockerfile_hadolint() {
+    if Command::new("checkov").arg("--version").output().is_err() {
+        eprintln!("skipping: checkov is not installed (`cargo xtask setup` installs it)");
+        return;
+    }
+    let output = Command::new("checkov")
+        .args([
+            "--framework",
+            "kubernetes,dockerfile",
+            "--compact",
+            "--quiet",
+            "-d",
+        ])
+        .arg(deploy())
+        .output()
+        .expect("checkov");
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    eprintln!("{text}");
+    assert!(output.status.success(), "checkov found problems:\n{text}");
+    assert!(text.contains("Failed checks: 0"), "{text}");
+    // Every skip carries its reason in the file.
+    for file in manifests().iter().chain([&deploy().join("Dockerfile")]) {
+        let content = std::fs::read_to_string(file).expect("read");
+        for line in content.lines().filter(|l| l.contains("checkov")) {
+            let reason = line
+                .split_once('=')
+                .or_else(|| line.rsplit_once(':'))
+                .map_or("", |(_, r)| r.trim());
+            assert!(
+                reason.len() > 10,
+                "{}: a skip without its reason: {line}",
+                file.display()
+            );
+        }
+    }
+    let output = Command::new("hadolint")
+        .arg(deploy().join("Dockerfile"))
+        .output()
+        .expect("hadolint");
+    assert!(
+        output.status.success(),
+        "hadolint: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+}
+
+/// The Collector's configuration as JSON (PyYAML, which checkov brings).
+fn collector_config() -> Option<serde_json::Value> {
+    let output = Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
+        ])
+        .arg(deploy().join("otel-collector/config.yaml"))
+        .output()
+        .ok()?;
+    output
+        .status
+        .success()
+        .then(|| serde_json::from_slice(&output.stdout).ok())
+        .flatten()
+}
+
+#[test]
+fn the_collector_pipeline_uses_only_defined_components_and_the_agents_attribute_names() {
+    let Some(config) = collector_config() else {
+        eprintln!("skipping: python3 with PyYAML is not installed (`cargo xtask setup` brings it)");
+        return;
+    };
+    let pipelines = config["service"]["pipelines"]
+        .as_object()
+        .expect("pipelines");
+    assert!(pipelines.contains_key("metrics"), "{pipelines:?}");
+    for (name, pipeline) in pipelines {
+        for kind in ["receivers", "processors", "exporters"] {
+            for component in pipeline[kind].as_array().into_iter().flatten() {
+                let component = component.as_str().expect("a name");
+                assert!(
+                    config[kind].get(component).is_some(),
+                    "pipeline {name} uses {kind} {component}, which is not defined"
+                );
+            }
+        }
+    }
+    let processors: Vec<&str> = pipelines["metrics"]["processors"]
+        .as_array()
+        .expect("processors")
+        .iter()
+        .filter_map(|p| p.as_str())
+        .collect();
+    let position = |prefix: &str| {
+        processors
+            .iter()
+            .position(|p| p.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in {processors:?}"))
+    };
+    assert_eq!(position("memory_limiter"), 0, "{processors:?}");
+    assert!(
+        position("groupbyattrs") < position("k8sattributes"),
+        "k8sattributes after the regrouping: {processors:?}"
+    );
+    assert!(
+        position("k8sattributes") < position("batch"),
+        "{processors:?}"
+    );
+    // One source of truth: the attribute names the agent puts on points.
+    use powerlens::sinks::otlp::instruments::{CONTAINER_ID, POD_UID};
+    let group = processors[position("groupbyattrs")];
+    let keys: Vec<&str> = config["processors"][group]["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .filter_map(|k| k.as_str())
+        .collect();
+    assert_eq!(keys, [POD_UID, CONTAINER_ID]);
+    let association = &config["processors"]["k8sattributes"]["pod_association"][0]["sources"][0];
+    assert_eq!(association["from"], "resource_attribute");
+    assert_eq!(association["name"], POD_UID);
 }

