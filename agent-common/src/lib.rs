@@ -41,6 +41,8 @@ pub mod names {
     pub const GLOBAL_CPU_TO_SOCKET: &str = "CPU_TO_SOCKET";
     pub const GLOBAL_SOCKETS: &str = "SOCKETS";
     pub const GLOBAL_AGENT_START_BOOTTIME_NS: &str = "AGENT_START_BOOTTIME_NS";
+    pub const CGROUP_EVENTS: &str = "CGROUP_EVENTS";
+    pub const CGROUP_MKDIR: &str = "cgroup_mkdir";
     pub const GLOBAL_WEAKLY_ORDERED: &str = "WEAKLY_ORDERED";
 }
 
@@ -145,6 +147,25 @@ pub struct TaskRecord {
     pub runtime_ns_by_socket: [u64; MAX_SOCKETS],
 }
 
+/// Longest cgroup path (bytes, NUL included) the `cgroup_mkdir` program
+/// hands over; longer ones are cut.
+pub const CGROUP_PATH_LEN: usize = 512;
+
+/// A cgroup the kernel just created: its id and path, so that a container
+/// that lives less than one interval still has a name.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CgroupCreated {
+    /// The cgroup id (`kernfs_node.id`, the directory's inode number).
+    pub id: u64,
+    /// The uid of the process that made it: not root means a delegated
+    /// subtree, where that user names cgroups.
+    pub creator_uid: u32,
+    pub _pad: u32,
+    /// The path from the hierarchy's root, NUL-terminated.
+    pub path: [u8; CGROUP_PATH_LEN],
+}
+
 /// Key of the map of exited threads' last run time.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -199,10 +220,13 @@ pub enum LossCounter {
     /// Run time (ns) of such a record whose claim could not be undone
     /// because the thread's last switch moved the mark in between.
     IteratorRecordLostNs = 7,
+    /// A created cgroup that did not fit the ring buffer (its name is then
+    /// learnt by the next walk of the hierarchy, if it is still there).
+    CgroupEventsDropped = 8,
 }
 
 impl LossCounter {
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
     pub const ALL: [LossCounter; Self::COUNT as usize] = [
         LossCounter::TaskStorageFull,
         LossCounter::TaskStorageFullNs,
@@ -212,6 +236,7 @@ impl LossCounter {
         LossCounter::SocketOverflow,
         LossCounter::IteratorRecordRewound,
         LossCounter::IteratorRecordLostNs,
+        LossCounter::CgroupEventsDropped,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -224,6 +249,7 @@ impl LossCounter {
             LossCounter::SocketOverflow => "socket_overflow",
             LossCounter::IteratorRecordRewound => "iterator_record_rewound",
             LossCounter::IteratorRecordLostNs => "iterator_record_lost_ns",
+            LossCounter::CgroupEventsDropped => "cgroup_events_dropped",
         }
     }
 }
@@ -238,4 +264,5 @@ mod pod {
     unsafe impl aya::Pod for super::TaskRecord {}
     unsafe impl aya::Pod for super::ExitedKey {}
     unsafe impl aya::Pod for super::ExitedValue {}
+    unsafe impl aya::Pod for super::CgroupCreated {}
 }

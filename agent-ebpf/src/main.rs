@@ -52,15 +52,15 @@ use core::{
 };
 
 use agent_common::{
-    COMM_LEN, EXITED_MAP_CAPACITY, ExitedKey, ExitedValue, KernelOffsets, LossCounter, MAX_CPUS,
-    MAX_SOCKETS, TASK_DEAD, TaskRecord, TaskRuntime,
+    COMM_LEN, CgroupCreated, EXITED_MAP_CAPACITY, ExitedKey, ExitedValue, KernelOffsets,
+    LossCounter, MAX_CPUS, MAX_SOCKETS, TASK_DEAD, TaskRecord, TaskRuntime,
 };
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_LOCAL_STORAGE_GET_F_CREATE, BPF_NOEXIST, bpf_map_type},
-    btf_maps::{HashMap, PerCpuArray},
+    btf_maps::{HashMap, PerCpuArray, RingBuf},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_smp_processor_id,
-        bpf_probe_read_kernel,
+        bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_get_smp_processor_id, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
         generated::{bpf_seq_write, bpf_task_storage_get},
     },
     macros::{btf_map, btf_tracepoint},
@@ -182,6 +182,12 @@ static CPU_BUSY_NS: PerCpuArray<u64, 1> = PerCpuArray::new();
 
 #[btf_map]
 static LOSS_COUNTERS: PerCpuArray<u64, { LossCounter::COUNT as usize }> = PerCpuArray::new();
+
+/// Cgroups as the kernel creates them (id, path): a container that lives
+/// less than one interval is gone before the agent's walk of the
+/// hierarchy could see its name.
+#[btf_map]
+static CGROUP_EVENTS: RingBuf<CgroupCreated, { 256 * 1024 }> = RingBuf::new();
 
 // ---------------------------------------------------------------------------
 // Small helpers.
@@ -742,6 +748,34 @@ extern "C" fn baseline_tasks(ctx: *mut BpfIterTask) -> i32 {
             (*entry).last_runtime_ns = runtime;
         }
     }
+    0
+}
+
+// ---------------------------------------------------------------------------
+// Cgroup names, as they are made.
+
+#[btf_tracepoint(function = "cgroup_mkdir")]
+pub fn cgroup_mkdir(ctx: BtfTracePointContext) -> i32 {
+    // TP_PROTO(struct cgroup *cgrp, const char *path)
+    let cgroup: *const u8 = ctx.arg(0);
+    let path: *const u8 = ctx.arg(1);
+    let Some(mut entry) = CGROUP_EVENTS.reserve(0) else {
+        count_loss(LossCounter::CgroupEventsDropped, 1);
+        return 0;
+    };
+    let record = entry.as_mut_ptr();
+    let kernfs_node: *const u8 = field(cgroup, offset!(cgroup_kn));
+    let id: u64 = field(kernfs_node, offset!(kernfs_node_id));
+    // SAFETY: `record` is ring buffer memory reserved for a CgroupCreated;
+    // the string read is bounded by the array.
+    unsafe {
+        (*record).id = id;
+        (*record).creator_uid = bpf_get_current_uid_gid() as u32;
+        (*record)._pad = 0;
+        (*record).path[0] = 0;
+        let _ = bpf_probe_read_kernel_str_bytes(path, &mut (*record).path);
+    }
+    entry.submit(0);
     0
 }
 

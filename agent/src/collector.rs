@@ -292,6 +292,9 @@ impl Collector {
             }
         };
         self.resolver.new_round();
+        for (id, path, creator_uid) in &reading.cgroups_created {
+            self.resolver.learn(*id, path, *creator_uid);
+        }
         let energy_seconds = self.since_energy_read();
         let energy = self
             .energy

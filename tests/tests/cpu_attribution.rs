@@ -415,6 +415,46 @@ fn a_user_who_names_a_cgroup_after_another_container_gets_no_share_of_it() {
 }
 
 #[test]
+fn containers_that_live_less_than_an_interval_are_all_listed_with_their_cpu_time() {
+    if !require_root() {
+        return;
+    }
+    // 1 s intervals; each container lives ~20-30 ms: created, a process
+    // burns 20 ms in it, removed. The walk of the hierarchy never sees one.
+    let agent = Agent::start_with_interval("1s", &["--method", "ebpf"]);
+    let slice = TestCgroup::create(&format!("powerlens-test-{}.slice", random_hex(8)));
+    let mut ids = Vec::new();
+    for _ in 0..200 {
+        let id = random_hex(64);
+        let cgroup = TestCgroup::create(&format!(
+            "{}/docker-{id}.scope",
+            slice.relative.trim_start_matches('/')
+        ));
+        spawn_in(Some(&cgroup), &workload_binary(), &["burn", "0.02"]).wait_output();
+        drop(cgroup);
+        ids.push(id);
+    }
+    agent.wait_intervals(3);
+    let (_, list) = agent.get("/api/v1/containers?limit=100000");
+    let list = list.as_array().expect("list").clone();
+    let mut found = 0;
+    let mut cpu = 0.0;
+    for id in &ids {
+        if let Some(container) = list.iter().find(|c| c["container_id"] == id.as_str()) {
+            found += 1;
+            let seconds = container["cpu_seconds"].as_f64().unwrap_or(0.0);
+            assert!(seconds > 0.015, "{id}: {seconds} s of a 20 ms burn");
+            cpu += seconds;
+        }
+    }
+    let losses = agent.get("/healthz").1["losses"].clone();
+    eprintln!(
+        "200 containers of ~25 ms each: {found} listed, {cpu:.3} s of CPU among them; losses {losses}"
+    );
+    assert_eq!(found, 200, "every short container is listed");
+}
+
+#[test]
 fn a_thousand_short_lived_processes_are_all_counted() {
     if !require_root() {
         return;

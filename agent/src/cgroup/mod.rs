@@ -109,6 +109,10 @@ pub struct CgroupResolver {
     /// Ids the last walk found; the others are removed cgroups, kept only
     /// while the books still name them.
     present: HashSet<u64>,
+    /// Ids learnt from the kernel's creation events, with the rounds since:
+    /// kept a few rounds even if nothing ran in them yet (a process may
+    /// first run in the interval after its cgroup was made).
+    learned: HashMap<u64, u32>,
 }
 
 impl CgroupResolver {
@@ -121,6 +125,7 @@ impl CgroupResolver {
             scanned_this_round: false,
             unknown: Arc::new(Workload::Host),
             present: HashSet::new(),
+            learned: HashMap::new(),
         }
     }
 
@@ -161,16 +166,65 @@ impl CgroupResolver {
         }
     }
 
+    /// Records a cgroup the kernel reported as it created it (the walk may
+    /// never see one that lives less than an interval). A creator other
+    /// than root made it in a subtree delegated to that user.
+    pub fn learn(&mut self, id: u64, path: &str, creator_uid: u32) {
+        if self.by_id.contains_key(&id) {
+            return;
+        }
+        let path = if path.starts_with('/') {
+            path.to_owned()
+        } else {
+            format!("/{path}")
+        };
+        // Delegated if a user made it, or if it (or a parent) belongs to
+        // one, as the walk decides (a delegated subtree made by root and
+        // handed over with chown).
+        let delegated_to = (creator_uid != 0)
+            .then_some(creator_uid)
+            .or_else(|| self.owner_of_path(&path));
+        self.learned.insert(id, 0);
+        self.by_id.insert(
+            id,
+            CgroupInfo {
+                workload: Arc::new(classify_cgroup(&path, delegated_to)),
+                path: Arc::from(path.as_str()),
+            },
+        );
+    }
+
+    /// The unprivileged owner of `path` or of one of its parents, if any
+    /// (directories that are gone are skipped).
+    fn owner_of_path(&self, path: &str) -> Option<u32> {
+        let root_owner = std::fs::metadata(&self.root).map_or(0, |m| m.uid());
+        let mut dir = self.root.clone();
+        for component in path.split('/').filter(|c| !c.is_empty()) {
+            dir.push(component);
+            if let Ok(metadata) = std::fs::metadata(&dir)
+                && metadata.uid() != 0
+                && metadata.uid() != root_owner
+            {
+                return Some(metadata.uid());
+            }
+        }
+        None
+    }
+
     /// Forgets removed cgroups (absent from the last walk) that `needed`
     /// no longer asks for: the entries of exited containers stay while
     /// their figures are kept, and no longer.
     pub fn forget_removed(&mut self, needed: impl Fn(u64) -> bool) {
-        if self.by_id.len() <= self.present.len() {
-            return;
-        }
+        // Learnt ids wait a few rounds for their processes to run.
+        const LEARNED_ROUNDS: u32 = 3;
+        self.learned.retain(|_, rounds| {
+            *rounds += 1;
+            *rounds <= LEARNED_ROUNDS
+        });
         let present = &self.present;
+        let learned = &self.learned;
         self.by_id
-            .retain(|id, _| present.contains(id) || needed(*id));
+            .retain(|id, _| present.contains(id) || learned.contains_key(id) || needed(*id));
     }
 
     /// Cgroups the resolver remembers.

@@ -124,6 +124,9 @@ pub struct CpuReading {
     /// empty, and the node's busy and idle time for this window is added
     /// with the next reading that has them (its busy deltas cover both).
     pub busy_missing: bool,
+    /// Cgroups created since the previous read, as the kernel named them:
+    /// (id, path from the hierarchy's root, uid of their creator).
+    pub cgroups_created: Vec<(u64, String, u32)>,
 }
 
 /// A kernel program's cumulative run time and calls, as the kernel counts

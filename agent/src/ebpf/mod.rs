@@ -9,7 +9,7 @@ pub mod btf;
 use std::{collections::HashSet, path::PathBuf};
 
 use agent_common::{
-    ExitedKey, ExitedValue, KernelOffsets, LossCounter, MAX_SOCKETS, TaskRecord,
+    CgroupCreated, ExitedKey, ExitedValue, KernelOffsets, LossCounter, MAX_SOCKETS, TaskRecord,
     names::{self, GLOBAL_CPU_TO_SOCKET, GLOBAL_OFFSETS},
 };
 use aya::{
@@ -194,6 +194,7 @@ impl EbpfOptions {
 
 pub struct EbpfCpuSource {
     ebpf: Ebpf,
+    cgroup_events: Option<aya::maps::RingBuf<MapData>>,
     iterator_read_bytes: usize,
     topology: Topology,
     procfs_root: PathBuf,
@@ -261,6 +262,7 @@ impl EbpfCpuSource {
                 let attach = parsed.attach_points_only(&[
                     (btf::KIND_FUNC, "bpf_iter_task"),
                     (btf::KIND_TYPEDEF, "btf_trace_sched_switch"),
+                    (btf::KIND_TYPEDEF, "btf_trace_cgroup_mkdir"),
                 ]);
                 Ok((offsets, attach))
             })
@@ -311,9 +313,22 @@ impl EbpfCpuSource {
             })?;
         // 3. The reader.
         load_iter(&mut ebpf, names::DUMP_TASKS, &aya_btf)?;
+        // 4. Cgroup names as they are made. Optional: without it, a
+        //    container that lives less than an interval is charged to the
+        //    host, as before.
+        let cgroup_events = match attach_cgroup_mkdir(&mut ebpf, &aya_btf) {
+            Ok(ring) => Some(ring),
+            Err(error) => {
+                tracing::warn!(
+                    "cgroup_mkdir not attached ({error}): containers that live less than one interval will be charged to the host"
+                );
+                None
+            }
+        };
 
         let mut source = Self {
             ebpf,
+            cgroup_events,
             topology,
             procfs_root: options.procfs_root.clone(),
             iterator_read_bytes: options.iterator_read_bytes,
@@ -558,6 +573,25 @@ impl CpuTimeSource for EbpfCpuSource {
             Err(error) => reading.errors.push(error.to_string()),
         }
         reading.programs = self.program_stats();
+        if let Some(ring) = &mut self.cgroup_events {
+            while let Some(item) = ring.next() {
+                if item.len() < size_of::<CgroupCreated>() {
+                    continue;
+                }
+                // SAFETY: the program writes whole CgroupCreated records.
+                let record: CgroupCreated =
+                    unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                let end = record
+                    .path
+                    .iter()
+                    .position(|b| *b == 0)
+                    .unwrap_or(record.path.len());
+                let path = String::from_utf8_lossy(&record.path[..end]).into_owned();
+                reading
+                    .cgroups_created
+                    .push((record.id, path, record.creator_uid));
+            }
+        }
         Ok(reading)
     }
 }
@@ -586,6 +620,35 @@ fn map_error(map: &'static str, error: impl std::fmt::Display) -> CpuSourceError
         map,
         message: error.to_string(),
     }
+}
+
+/// Loads and attaches the `cgroup_mkdir` program and takes its ring buffer.
+fn attach_cgroup_mkdir(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+) -> Result<aya::maps::RingBuf<MapData>, EbpfLoadError> {
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut(names::CGROUP_MKDIR)
+        .ok_or(EbpfLoadError::MissingProgram(names::CGROUP_MKDIR))?
+        .try_into()
+        .map_err(|source| EbpfLoadError::Program {
+            program: names::CGROUP_MKDIR,
+            source,
+        })?;
+    program
+        .load("cgroup_mkdir", btf)
+        .and_then(|()| program.attach().map(drop))
+        .map_err(|source| EbpfLoadError::Program {
+            program: names::CGROUP_MKDIR,
+            source,
+        })?;
+    let map = ebpf
+        .take_map(names::CGROUP_EVENTS)
+        .ok_or(EbpfLoadError::MissingProgram(names::CGROUP_EVENTS))?;
+    aya::maps::RingBuf::try_from(map).map_err(|e| EbpfLoadError::Map {
+        map: names::CGROUP_EVENTS,
+        message: e.to_string(),
+    })
 }
 
 /// The task iterator program `name` of the object.
