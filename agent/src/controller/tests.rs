@@ -155,6 +155,16 @@ impl PlantHandle {
     }
 }
 
+/// The simulated socket: RAPL limits 40-250 W.
+fn socket_zone() -> CapZone {
+    CapZone {
+        target: package(),
+        index: 0,
+        max_watts: Some(250.0),
+        min_watts: Some(40.0),
+    }
+}
+
 fn controller(plant: &PlantHandle, mode: Mode, budget: f64, state: &std::path::Path) -> Controller {
     Controller::new(
         ControllerSettings {
@@ -164,12 +174,7 @@ fn controller(plant: &PlantHandle, mode: Mode, budget: f64, state: &std::path::P
             ..ControllerSettings::default()
         },
         Box::new(plant.clone()),
-        vec![CapZone {
-            target: package(),
-            index: 0,
-            max_watts: Some(250.0),
-            min_watts: Some(40.0),
-        }],
+        vec![socket_zone()],
         4,
     )
     .unwrap()
@@ -347,12 +352,7 @@ fn the_thermal_guard_keeps_a_hot_socket_under_its_critical_temperature() {
             ..ControllerSettings::default()
         },
         Box::new(plant.clone()),
-        vec![CapZone {
-            target: package(),
-            index: 0,
-            max_watts: Some(250.0),
-            min_watts: Some(40.0),
-        }],
+        vec![socket_zone()],
         4,
     )
     .unwrap();
@@ -390,12 +390,7 @@ fn devices_share_the_cut_by_their_draw_above_the_floor_within_their_limits() {
         },
         Box::new(plant.clone()),
         vec![
-            CapZone {
-                target: package(),
-                index: 0,
-                max_watts: Some(250.0),
-                min_watts: Some(40.0),
-            },
+            socket_zone(),
             // An H100-like range: 200 W to 700 W, at 300 W now.
             CapZone {
                 target: gpu.clone(),
@@ -447,12 +442,7 @@ fn the_efficiency_search_holds_the_socket_at_its_cheapest_energy_per_work() {
             ..ControllerSettings::default()
         },
         Box::new(plant.clone()),
-        vec![CapZone {
-            target: package(),
-            index: 0,
-            max_watts: Some(250.0),
-            min_watts: Some(40.0),
-        }],
+        vec![socket_zone()],
         4,
     )
     .unwrap();
