@@ -251,12 +251,7 @@ async fn list_pods(
 /// The power-cap controller: mode, budget, headroom, limits in force and
 /// the last decisions.
 async fn controller(State(state): State<MetricsState>) -> Json<ControllerStatus> {
-    let status = state
-        .controller
-        .read()
-        .map(|status| status.clone())
-        .unwrap_or_else(|poisoned| poisoned.into_inner().clone());
-    Json(status)
+    Json(crate::controller::latest_status(&state.controller))
 }
 
 async fn node(State(shared): State<SharedSnapshot>) -> Json<NodeFigures> {

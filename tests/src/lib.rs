@@ -508,3 +508,37 @@ impl Drop for Agent {
 pub fn relative_error(measured: f64, expected: f64) -> f64 {
     (measured - expected).abs() / expected.abs().max(f64::MIN_POSITIVE)
 }
+
+/// The project's `deploy/` directory.
+pub fn deploy_dir() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy"))
+}
+
+/// The `powerlens.toml` block of the Kubernetes ConfigMap, unindented.
+pub fn configmap_config() -> String {
+    let text = std::fs::read_to_string(deploy_dir().join("kubernetes/configmap.yaml"))
+        .expect("read configmap.yaml");
+    let block = text
+        .split_once("powerlens.toml: |\n")
+        .expect("powerlens.toml in the ConfigMap")
+        .1;
+    block
+        .lines()
+        .map(|line| line.strip_prefix("    ").unwrap_or(line.trim_start()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The capabilities the DaemonSet adds (its `add:` list).
+pub fn daemonset_capabilities() -> Vec<String> {
+    let text = std::fs::read_to_string(deploy_dir().join("kubernetes/daemonset.yaml"))
+        .expect("read daemonset.yaml");
+    text.lines()
+        .map(str::trim)
+        .skip_while(|l| *l != "add:")
+        .skip(1)
+        .take_while(|l| !l.starts_with("seccompProfile"))
+        .filter_map(|l| l.strip_prefix("- "))
+        .map(str::to_owned)
+        .collect()
+}

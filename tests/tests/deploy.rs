@@ -7,7 +7,7 @@
 use std::{path::Path, process::Command};
 
 fn deploy() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy"))
+    integration_tests::deploy_dir()
 }
 
 fn manifests() -> Vec<std::path::PathBuf> {
@@ -74,34 +74,15 @@ fn the_daemonset_asks_for_exactly_the_capabilities_the_agent_needs() {
     assert!(text.contains("readOnlyRootFilesystem: true"));
     assert!(text.contains("hostPID: true"));
     assert!(!text.contains("- SYS_ADMIN"), "no CAP_SYS_ADMIN");
-    let added: Vec<&str> = text
-        .lines()
-        .map(str::trim)
-        .skip_while(|l| *l != "add:")
-        .skip(1)
-        .take_while(|l| !l.starts_with("seccompProfile"))
-        .filter_map(|l| l.strip_prefix("- "))
-        .collect();
-    assert_eq!(added, ["BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH"]);
-}
-
-/// The `powerlens.toml` block of the ConfigMap, unindented.
-fn embedded_config() -> String {
-    let text = std::fs::read_to_string(deploy().join("kubernetes/configmap.yaml")).expect("read");
-    let block = text
-        .split_once("powerlens.toml: |\n")
-        .expect("powerlens.toml in the ConfigMap")
-        .1;
-    block
-        .lines()
-        .map(|line| line.strip_prefix("    ").unwrap_or(line.trim_start()))
-        .collect::<Vec<_>>()
-        .join("\n")
+    assert_eq!(
+        integration_tests::daemonset_capabilities(),
+        ["BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH"]
+    );
 }
 
 #[test]
 fn the_configmaps_config_is_one_the_agent_parses() {
-    let text = embedded_config();
+    let text = integration_tests::configmap_config();
     let config = powerlens::config::Config::from_toml(&text, Path::new("configmap.yaml"))
         .unwrap_or_else(|e| panic!("{e}\n{text}"));
     assert_eq!(config.listen.to_string(), "127.0.0.1:9876");

@@ -18,7 +18,7 @@ use integration_tests::{
 const BASE: &str = "localhost/powerlens-base:bookworm";
 
 fn deploy() -> &'static Path {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy"))
+    integration_tests::deploy_dir()
 }
 
 fn podman(args: &[&str]) -> (bool, String) {
@@ -26,19 +26,6 @@ fn podman(args: &[&str]) -> (bool, String) {
     let text = String::from_utf8_lossy(&output.stdout).into_owned()
         + &String::from_utf8_lossy(&output.stderr);
     (output.status.success(), text)
-}
-
-/// The DaemonSet's added capabilities.
-fn daemonset_capabilities() -> Vec<String> {
-    let text = std::fs::read_to_string(deploy().join("kubernetes/daemonset.yaml")).expect("read");
-    text.lines()
-        .map(str::trim)
-        .skip_while(|l| *l != "add:")
-        .skip(1)
-        .take_while(|l| !l.starts_with("seccompProfile"))
-        .filter_map(|l| l.strip_prefix("- "))
-        .map(str::to_owned)
-        .collect()
 }
 
 /// Removes the container and the image, also when the test fails.
@@ -106,16 +93,7 @@ fn the_image_runs_the_agent_with_only_the_daemonsets_privileges() {
     eprintln!("image built in {:.1} s", started.elapsed().as_secs_f64());
 
     // The ConfigMap's config, on free ports and this machine's cgroup tree.
-    let config_text = {
-        let text =
-            std::fs::read_to_string(deploy().join("kubernetes/configmap.yaml")).expect("read");
-        let block = text.split_once("powerlens.toml: |\n").expect("config").1;
-        block
-            .lines()
-            .map(|line| line.strip_prefix("    ").unwrap_or(line.trim_start()))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
+    let config_text = integration_tests::configmap_config();
     let (api, metrics) = (free_port(), free_port());
     let unified = Path::new("/sys/fs/cgroup/unified").exists();
     let config_text = config_text
@@ -134,7 +112,7 @@ fn the_image_runs_the_agent_with_only_the_daemonsets_privileges() {
     std::fs::write(config_dir.path().join("powerlens.toml"), config_text).expect("write config");
     let state_dir = tempfile::tempdir().expect("tempdir");
 
-    let capabilities = daemonset_capabilities();
+    let capabilities = integration_tests::daemonset_capabilities();
     assert_eq!(
         capabilities,
         ["BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH"]

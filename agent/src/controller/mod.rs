@@ -201,6 +201,15 @@ impl ControllerStatus {
 /// The latest status, shared with the API.
 pub type SharedControllerStatus = Arc<RwLock<ControllerStatus>>;
 
+/// A copy of the latest status (a writer that panicked left a complete
+/// value behind: it is still the latest).
+pub fn latest_status(shared: &SharedControllerStatus) -> ControllerStatus {
+    shared
+        .read()
+        .map(|status| status.clone())
+        .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+}
+
 /// Decisions kept for the API.
 const DECISIONS_KEPT: usize = 50;
 

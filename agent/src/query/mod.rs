@@ -179,21 +179,17 @@ fn root_cause(error: &dyn std::error::Error) -> String {
 /// Runs a query and returns what to print.
 pub fn run(args: &QueryArgs) -> Result<String, Failure> {
     let base = agent_url(args)?;
-    let (path, limit_in_path) = match &args.what {
-        What::Node => ("/api/v1/node".to_owned(), false),
-        What::Containers => ("/api/v1/containers?limit=1000000".to_owned(), true),
-        What::Pods => ("/api/v1/pods?limit=1000000".to_owned(), true),
-        What::Processes { container } => (
-            match container {
-                Some(id) => format!("/api/v1/processes?limit=1000000&container={id}"),
-                None => "/api/v1/processes?limit=1000000".to_owned(),
-            },
-            true,
-        ),
-        What::Container { id } => (format!("/api/v1/containers/{id}"), false),
-        What::Pod { .. } => ("/api/v1/pods?limit=1000000".to_owned(), false),
+    let path = match &args.what {
+        What::Node => "/api/v1/node".to_owned(),
+        What::Containers => "/api/v1/containers?limit=1000000".to_owned(),
+        What::Pods => "/api/v1/pods?limit=1000000".to_owned(),
+        What::Processes { container } => match container {
+            Some(id) => format!("/api/v1/processes?limit=1000000&container={id}"),
+            None => "/api/v1/processes?limit=1000000".to_owned(),
+        },
+        What::Container { id } => format!("/api/v1/containers/{id}"),
+        What::Pod { .. } => "/api/v1/pods?limit=1000000".to_owned(),
     };
-    let _ = limit_in_path;
     let body = get(&base, &path)?;
     let body = match &args.what {
         What::Pod { uid } => pick_pod(&body, uid)?,

@@ -626,12 +626,7 @@ pub fn register(meter: &Meter, observed: Observed) {
 /// The power-cap controller's budget, headroom and limits in force, so a
 /// scheduler or autoscaler downstream can place work where there is room.
 pub fn register_controller(meter: &Meter, controller: crate::controller::SharedControllerStatus) {
-    let status = move || {
-        controller
-            .read()
-            .map(|status| status.clone())
-            .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
-    };
+    let status = move || crate::controller::latest_status(&controller);
     let status = Arc::new(status);
     type Pick = fn(&crate::controller::ControllerStatus) -> Points;
     let gauges: [(&'static str, &'static str, &'static str, Pick); 4] = [

@@ -74,10 +74,7 @@ pub async fn scrape(State(state): State<MetricsState>, headers: HeaderMap) -> Re
                 .map(|p| process_figures(&snapshot, p))
                 .collect()
         });
-        let controller = controller
-            .read()
-            .map(|status| status.clone())
-            .unwrap_or_else(|poisoned| poisoned.into_inner().clone());
+        let controller = crate::controller::latest_status(&controller);
         let mut text = render(Exposition {
             figures: snapshot.figures(),
             processes,
