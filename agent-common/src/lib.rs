@@ -30,10 +30,18 @@ pub const EXITED_MAP_CAPACITY: u32 = 65_536;
 pub mod names {
     pub const TASK_RUNTIME: &str = "TASK_RUNTIME";
     pub const EXITED: &str = "EXITED";
-    pub const CPU_BUSY_NS: &str = "CPU_BUSY_NS";
+    pub const THREADS: &str = "THREADS";
+    pub const CPU_LOG: &str = "CPU_LOG";
+    pub const RAN_LISTS: &str = "RAN_LISTS";
+    pub const FREE_SLOTS: &str = "FREE_SLOTS";
+    pub const CONTROL: &str = "CONTROL";
+    pub const RUNNING: &str = "RUNNING";
+    pub const READ_RUNNING: &str = "read_running";
+    pub const GLOBAL_RAN_LIST_LEN: &str = "RAN_LIST_LEN";
+    pub const GLOBAL_THREAD_SLOTS: &str = "THREAD_SLOTS";
+    pub const GLOBAL_FREE_RING_MASK: &str = "FREE_RING_MASK";
     pub const LOSS_COUNTERS: &str = "LOSS_COUNTERS";
     pub const SCHED_SWITCH: &str = "sched_switch";
-    pub const DUMP_TASKS: &str = "dump_tasks";
     pub const BASELINE_TASKS: &str = "baseline_tasks";
     pub const EMPTY_SCHED_SWITCH: &str = "empty_sched_switch";
     /// Global (`.rodata`) variables the agent sets before loading.
@@ -62,10 +70,10 @@ pub struct KernelOffsets {
     pub task_start_boottime: u32,
     pub task_group_leader: u32,
     pub task_comm: u32,
+    /// `task_struct.mm` (changes at `execve`).
+    pub task_mm: u32,
     /// `task_struct.cgroups` (a `css_set *`).
     pub task_cgroups: u32,
-    /// `task_struct.cpu` (or `thread_info.cpu` on kernels that keep it there).
-    pub task_cpu: u32,
     /// `css_set.dfl_cgrp` (the task's cgroup on the v2 hierarchy).
     pub css_set_dfl_cgrp: u32,
     /// `cgroup.kn`.
@@ -79,72 +87,122 @@ pub struct KernelOffsets {
     pub task_state: u32,
     /// 4 for `__state`, 8 for the older `long state`.
     pub task_state_size: u32,
-    /// `task_struct.nvcsw` and `nivcsw`: the thread's voluntary and
-    /// involuntary switch counts, bumped before `sched_switch` fires. The
-    /// reader compares their sum before and after reading a thread, to see
-    /// whether a switch-out ran while it read.
-    pub task_nvcsw: u32,
-    pub task_nivcsw: u32,
 }
 
-/// Run time of one thread on one socket.
+/// Default number of thread slots (`THREADS`): threads alive at once plus
+/// those that ended since the last read. A thread that finds none free is
+/// still counted exactly, through `EXITED`, at a hash update per switch.
+pub const DEFAULT_THREAD_SLOTS: u32 = 131_072;
+
+/// `ThreadSlot::state`: free (on the agent's free ring or never used).
+pub const SLOT_FREE: u64 = 0;
+/// `ThreadSlot::state`: a live thread's.
+pub const SLOT_LIVE: u64 = 1;
+/// `ThreadSlot::state`: the thread made its last switch; the agent reads the
+/// final figures and frees the slot.
+pub const SLOT_EXITED: u64 = 2;
+
+/// Everything powerlens keeps about one thread, in a slot of the `THREADS`
+/// array, which the agent maps into its memory and reads without a system
+/// call.
+///
+/// Only the kernel writes a slot while it is live (the switch path on the
+/// CPU the thread leaves, or the running-thread reader on the CPU it runs
+/// on: never both at once for one thread); the agent only reads it, and
+/// zeroes it before handing it back through the free ring. The first cache
+/// line holds what a switch touches on machines with up to six sockets.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-pub struct SocketRuntime {
-    /// Charged at switches since the agent started (written only by the
-    /// `sched_switch` program on the CPU the thread is leaving).
-    pub cumulative_ns: u64,
-    /// Already handed to the agent (moved forward with compare-and-swap by
-    /// the task iterator and by the thread's last switch).
-    pub reported_ns: u64,
+pub struct ThreadSlot {
+    /// The thread's `sum_exec_runtime` at its last switch out.
+    pub last_runtime_ns: u64,
+    /// The read generation in which the thread was last put on its CPU's
+    /// ran list.
+    pub listed_generation: u64,
+    /// Run time charged at switches since the slot was claimed, per socket.
+    /// Only grows; the agent reports the growth.
+    pub cumulative_ns: [u64; MAX_SOCKETS],
+    /// `SLOT_FREE`, `SLOT_LIVE` or `SLOT_EXITED`.
+    pub state: u64,
+    pub tid: u32,
+    pub tgid: u32,
+    /// `task_struct.mm` when the identity was read: a different one at a
+    /// listing means the thread ran `execve`, so its name is read again.
+    pub mm: u64,
+    /// Start time of the thread-group leader (ns, CLOCK_BOOTTIME): with
+    /// `tgid` it names a process uniquely, so a reused PID never merges two
+    /// processes.
+    pub process_start_ns: u64,
+    /// The `css_set` the cgroup id was read from (re-read when it changes).
+    pub css_set: u64,
+    pub cgroup_id: u64,
+    /// The leader's name.
+    pub comm: [u8; COMM_LEN],
 }
 
-/// Per-thread state kept in task-local storage.
-///
-/// Laid out for the cache: the switch path touches only the first line on
-/// machines with up to three sockets; the identity the iterator caches sits
-/// apart, so a read touches it only for threads that ran.
+/// Per-thread state kept in task-local storage: which slot is the thread's.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TaskRuntime {
-    /// The thread's `sum_exec_runtime` at its last switch out.
-    pub last_runtime_ns: u64,
-    pub by_socket: [SocketRuntime; MAX_SOCKETS],
-    /// Identity cached by the task iterator (it never changes for a thread
-    /// but for `comm` at exec and the cgroup at migration, both re-read).
-    pub css_set: u64,
-    pub cgroup_id: u64,
-    pub process_start_ns: u64,
-    pub tgid: u32,
-    pub tid: u32,
-    pub comm: [u8; COMM_LEN],
-    /// Reads that reported something for this thread.
-    pub reports: u32,
+    /// Index of the thread's `ThreadSlot` plus one (0: none yet).
+    pub slot_plus_one: u32,
     pub _pad: u32,
-    /// Target of the reader's fully ordered atomic operations on weakly
-    /// ordered CPUs (arm64): they order its loads, nothing reads the value.
-    pub reader_fence: u64,
+    /// `sum_exec_runtime` at the last switch while the thread had no slot
+    /// (all slots taken): its time then goes through `EXITED`.
+    pub unslotted_last_ns: u64,
 }
 
-/// One record written by the task iterator per thread that ran since the last
-/// read or is running now.
+/// One CPU's state, in the `CPU_LOG` array (one cache line per CPU, so
+/// CPUs never write a shared line on the switch path).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TaskRecord {
-    pub tgid: u32,
-    pub tid: u32,
-    /// Start time of the thread-group leader (ns, CLOCK_BOOTTIME): with `tgid` it
-    /// names a process uniquely, so a reused PID never merges two processes.
-    pub process_start_ns: u64,
-    pub cgroup_id: u64,
-    pub comm: [u8; COMM_LEN],
-    /// The thread is on `cpu` and has run this long since it was switched
-    /// in (already included in `runtime_ns_by_socket`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuLog {
+    /// Run time of tasks on this CPU, charged at switches: the agent derives
+    /// the CPU's idle time as wall time minus this.
+    pub busy_ns: u64,
+    /// Entries in this CPU's two ran lists (one per generation parity).
+    pub listed: [u64; 2],
+    /// A ran list filled up in that generation: the agent then reads every
+    /// slot instead.
+    pub overflowed: [u32; 2],
+    /// The task switched in last, and this CPU's idle task (seen when it
+    /// switches out): equal when the CPU is idle, so the agent asks only
+    /// busy CPUs for their running thread.
+    pub current_task: u64,
+    pub idle_task: u64,
+    pub _pad: [u64; 2],
+}
+
+/// Generation counter and slot allocation, the single entry of `CONTROL`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Control {
+    /// Written by the agent at each read: a thread is listed on its first
+    /// switch of a generation, into the ran list of the generation's parity.
+    pub generation: u64,
+    pub _pad0: [u64; 7],
+    /// Slots never used yet start here (moved with atomic add).
+    pub next_unused_slot: u64,
+    /// The free ring (`FREE_SLOTS`): the agent pushes at `free_head`, the
+    /// kernel takes at `free_tail` (compare-and-swap). Both only grow.
+    pub free_tail: u64,
+    pub free_head: u64,
+    pub _pad1: [u64; 5],
+}
+
+/// What the running-thread reader found on one CPU (`RUNNING`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunningThread {
+    /// The generation the agent was reading when it asked.
+    pub generation: u64,
+    /// Slot of the thread on the CPU plus one (0: idle, or no slot).
+    pub slot_plus_one: u32,
+    pub socket: u32,
+    /// Run time since its last switch out (on `socket`).
     pub in_progress_ns: u64,
-    pub cpu: u32,
-    pub _pad: u32,
-    /// Run time not reported before, per socket.
-    pub runtime_ns_by_socket: [u64; MAX_SOCKETS],
+    /// The slot's cumulative figures at the same moment.
+    pub cumulative_ns: [u64; MAX_SOCKETS],
 }
 
 /// Longest cgroup path (bytes, NUL included) the `cgroup_mkdir` program
@@ -203,7 +261,7 @@ pub enum LossCounter {
     /// entry while it had run before the agent started (a thread born
     /// after the start is charged whole, so it loses nothing).
     TaskStorageFullNs = 1,
-    /// An exited thread's run time did not fit in the exited map.
+    /// An exited (or slotless) thread's run time did not fit in the exited map.
     ExitedMapFull = 2,
     /// Run time (ns) dropped because of `ExitedMapFull`.
     ExitedMapFullNs = 3,
@@ -212,14 +270,13 @@ pub enum LossCounter {
     /// A CPU whose socket is at or past `MAX_SOCKETS` ran a slice (not a
     /// loss of time: it is charged to the last socket slot).
     SocketOverflow = 5,
-    /// A task iterator record did not fit the kernel's buffer: its claim was
-    /// undone and the kernel runs the program for that thread again on the
-    /// next `read()` (not a loss; the agent reads in whole-record chunks
-    /// that make this rare).
-    IteratorRecordRewound = 6,
-    /// Run time (ns) of such a record whose claim could not be undone
-    /// because the thread's last switch moved the mark in between.
-    IteratorRecordLostNs = 7,
+    /// A switch found no free thread slot (all `THREADS` taken): not a loss,
+    /// the thread's time then goes through `EXITED` at every switch until a
+    /// slot frees up (raise `thread_slots` if this keeps counting).
+    ThreadSlotsFull = 6,
+    /// A thread could not be put on its CPU's ran list (full for this
+    /// generation): not a loss, the agent then reads every slot once.
+    RanListOverflow = 7,
     /// A created cgroup that did not fit the ring buffer (its name is then
     /// learnt by the next walk of the hierarchy, if it is still there).
     CgroupEventsDropped = 8,
@@ -234,8 +291,8 @@ impl LossCounter {
         LossCounter::ExitedMapFullNs,
         LossCounter::KernelReadFailed,
         LossCounter::SocketOverflow,
-        LossCounter::IteratorRecordRewound,
-        LossCounter::IteratorRecordLostNs,
+        LossCounter::ThreadSlotsFull,
+        LossCounter::RanListOverflow,
         LossCounter::CgroupEventsDropped,
     ];
 
@@ -247,8 +304,8 @@ impl LossCounter {
             LossCounter::ExitedMapFullNs => "exited_map_full_ns",
             LossCounter::KernelReadFailed => "kernel_read_failed",
             LossCounter::SocketOverflow => "socket_overflow",
-            LossCounter::IteratorRecordRewound => "iterator_record_rewound",
-            LossCounter::IteratorRecordLostNs => "iterator_record_lost_ns",
+            LossCounter::ThreadSlotsFull => "thread_slots_full",
+            LossCounter::RanListOverflow => "ran_list_overflow",
             LossCounter::CgroupEventsDropped => "cgroup_events_dropped",
         }
     }
@@ -260,8 +317,10 @@ mod pod {
     // with explicit padding fields, so every bit pattern is valid.
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::TaskRuntime {}
-    unsafe impl aya::Pod for super::SocketRuntime {}
-    unsafe impl aya::Pod for super::TaskRecord {}
+    unsafe impl aya::Pod for super::ThreadSlot {}
+    unsafe impl aya::Pod for super::CpuLog {}
+    unsafe impl aya::Pod for super::Control {}
+    unsafe impl aya::Pod for super::RunningThread {}
     unsafe impl aya::Pod for super::ExitedKey {}
     unsafe impl aya::Pod for super::ExitedValue {}
     unsafe impl aya::Pod for super::CgroupCreated {}

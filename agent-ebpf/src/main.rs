@@ -1,35 +1,44 @@
 //! powerlens kernel programs.
 //!
 //! The context-switch path is the cost that matters, so it does the least
-//! that keeps the figures exact:
+//! that keeps the figures exact, and the reader's cost follows the threads
+//! that ran, not the threads that exist:
 //!
 //! * `sched_switch` (tp_btf) reads the outgoing thread's own scheduler run
 //!   time (`se.sum_exec_runtime`, what `/proc/<pid>/schedstat` reports) with
 //!   one direct load, and adds the slice since its last switch to the
-//!   thread's task-local storage, on the socket of the CPU it ran on. No
-//!   clock read, no hash map, no atomic instruction, no lock shared across
-//!   CPUs: only the thread's own CPU writes those fields.
-//! * `dump_tasks` (a task iterator) runs when the agent reads: it reports
-//!   each thread's run time (the slice in progress included, so a busy loop
-//!   that never switches out is counted) beyond what it reported before,
-//!   moving the per-thread "reported" mark with compare-and-swap.
-//! * A thread's last switch (`TASK_DEAD`) moves what was never reported into
-//!   the `EXITED` hash map, so short-lived processes are never lost.
+//!   thread's slot in `THREADS`, on the socket of the CPU it ran on. No
+//!   clock read, no hash map, no lock shared across CPUs: only the thread's
+//!   own CPU writes its slot. On a thread's first switch of a read
+//!   generation it also appends the slot's index to its CPU's ran list.
+//! * The agent maps `THREADS`, the ran lists and `CPU_LOG` into its memory.
+//!   At each read it starts a new generation, asks each busy CPU for the
+//!   slice of the thread running there (`read_running`, run on that CPU
+//!   through `BPF_PROG_TEST_RUN`), and reads the slots on the previous
+//!   generation's lists: threads that slept are not visited at all.
+//! * A thread's last switch (`TASK_DEAD`) marks its slot exited and lists
+//!   it; the agent reads the final figures and returns the slot through a
+//!   free ring, so short-lived processes are never lost.
+//! * `baseline_tasks` (a task iterator, once at start) gives every existing
+//!   thread a slot with its past run time marked as seen.
+//!
+//! A thread that finds no free slot is still counted exactly: its slices go
+//! to the `EXITED` hash map, keyed by process, until a slot frees up.
 //!
 //! Kernel floor: 5.12 (task storage for tracing programs arrived in 5.11,
 //! atomic compare-and-exchange in 5.12). Nothing else is newer: the task
 //! state is read through a BTF offset rather than `sched_switch`'s
-//! `prev_state` argument (5.18).
+//! `prev_state` argument (5.18); mmapable arrays are 5.5, running a raw
+//! tracepoint program on a chosen CPU 5.10.
 //!
-//! Memory ordering. The switch path writes a thread's `last_runtime_ns`,
-//! then its cumulative figure; the reader, on another CPU, loads them in the
-//! opposite order, so a half-done update can only look like less run time,
-//! never more. x86 keeps stores and loads in program order; on weakly
-//! ordered CPUs (arm64) `WEAKLY_ORDERED` makes the cumulative update a fully
-//! ordered atomic (release for the store before it) and puts fully ordered
-//! atomics between the reader's loads (acquire), which the JITs turn into
-//! `ldaddal` / `dmb ish`. On x86 the flag is a constant false and the
-//! verifier removes those branches.
+//! Memory ordering. Each figure in a slot only grows and is one aligned
+//! 8-byte word, so the agent may read it at any moment. What must be seen
+//! in order: a slot's fields before its `state`, and a list entry before
+//! the list's length. `state` is always stored with an atomic exchange
+//! (fully ordered); the length, on weakly ordered CPUs (`WEAKLY_ORDERED`,
+//! arm64), with one too (release). The exchange on a thread's last switch
+//! also orders its final figures before the generation is read, so its
+//! slot is listed where the agent will look (see `end_thread`).
 //!
 //! Offsets into kernel structures come from the running kernel's BTF, read
 //! by the agent and set as read-only globals before the programs load.
@@ -47,24 +56,27 @@ use core::{
         self,
         AtomicOrdering::{Relaxed, SeqCst},
     },
-    mem::{MaybeUninit, size_of},
     ptr,
 };
 
 use agent_common::{
-    COMM_LEN, CgroupCreated, EXITED_MAP_CAPACITY, ExitedKey, ExitedValue, KernelOffsets,
-    LossCounter, MAX_CPUS, MAX_SOCKETS, TASK_DEAD, TaskRecord, TaskRuntime,
+    COMM_LEN, CgroupCreated, Control, CpuLog, EXITED_MAP_CAPACITY, ExitedKey, ExitedValue,
+    KernelOffsets, LossCounter, MAX_CPUS, MAX_SOCKETS, RunningThread, SLOT_EXITED, SLOT_LIVE,
+    TASK_DEAD, TaskRuntime, ThreadSlot,
 };
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_LOCAL_STORAGE_GET_F_CREATE, BPF_NOEXIST, bpf_map_type},
-    btf_maps::{HashMap, PerCpuArray, RingBuf},
+    bindings::{
+        BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_LOCAL_STORAGE_GET_F_CREATE, BPF_NOEXIST,
+        bpf_map_type,
+    },
+    btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_get_smp_processor_id, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
-        generated::{bpf_seq_write, bpf_task_storage_get},
+        generated::{bpf_get_current_task_btf, bpf_task_storage_get},
     },
-    macros::{btf_map, btf_tracepoint},
-    programs::BtfTracePointContext,
+    macros::{btf_map, btf_tracepoint, raw_tracepoint},
+    programs::{BtfTracePointContext, RawTracePointContext},
 };
 
 // ---------------------------------------------------------------------------
@@ -79,15 +91,13 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     task_start_boottime: 0,
     task_group_leader: 0,
     task_comm: 0,
+    task_mm: 0,
     task_cgroups: 0,
-    task_cpu: 0,
     css_set_dfl_cgrp: 0,
     cgroup_kn: 0,
     kernfs_node_id: 0,
     task_state: 0,
     task_state_size: 4,
-    task_nvcsw: 0,
-    task_nivcsw: 0,
 };
 
 /// CLOCK_BOOTTIME when the agent loaded the programs: a thread that started
@@ -107,8 +117,19 @@ static CPU_TO_SOCKET: [u8; MAX_CPUS] = [0; MAX_CPUS];
 #[unsafe(no_mangle)]
 static SOCKETS: u32 = MAX_SOCKETS as u32;
 
+/// Entries of each CPU's ran list per generation parity (`RAN_LISTS` holds
+/// CPUs × 2 × this).
+#[unsafe(no_mangle)]
+static RAN_LIST_LEN: u32 = 1;
+
+/// Slots in `THREADS`, and the free ring's size minus one (a power of two).
+#[unsafe(no_mangle)]
+static THREAD_SLOTS: u32 = 1;
+#[unsafe(no_mangle)]
+static FREE_RING_MASK: u64 = 0;
+
 // ---------------------------------------------------------------------------
-// Maps.
+// Maps. Sizes of 1 are placeholders: the agent sets them before loading.
 
 /// A BTF map definition for `BPF_MAP_TYPE_TASK_STORAGE`, which aya-ebpf does
 /// not wrap yet. The layout is the one libbpf and aya parse from `.maps`.
@@ -172,13 +193,34 @@ impl<T> TaskStorage<T> {
 #[unsafe(export_name = "TASK_RUNTIME")]
 static TASK_RUNTIME: TaskStorage<TaskRuntime> = TaskStorage::new();
 
+const MMAPABLE: usize = BPF_F_MMAPABLE as usize;
+
+/// One slot per thread (see `ThreadSlot`).
+#[btf_map]
+static THREADS: Array<ThreadSlot, 1, MMAPABLE> = Array::new();
+
+/// Slot indices the agent has freed, as a ring (see `Control`). Array
+/// elements are 8 bytes apart whatever their type, hence u64.
+#[btf_map]
+static FREE_SLOTS: Array<u64, 1, MMAPABLE> = Array::new();
+
+/// Per CPU and generation parity, the slots of threads that switched out.
+#[btf_map]
+static RAN_LISTS: Array<u64, 1, MMAPABLE> = Array::new();
+
+/// One `CpuLog` per possible CPU.
+#[btf_map]
+static CPU_LOG: Array<CpuLog, 1, MMAPABLE> = Array::new();
+
+#[btf_map]
+static CONTROL: Array<Control, 1, MMAPABLE> = Array::new();
+
+/// One `RunningThread` per possible CPU, written by `read_running`.
+#[btf_map]
+static RUNNING: Array<RunningThread, 1, MMAPABLE> = Array::new();
+
 #[btf_map]
 static EXITED: HashMap<ExitedKey, ExitedValue, { EXITED_MAP_CAPACITY as usize }> = HashMap::new();
-
-/// Run time of tasks per CPU (index 0 of a per-CPU array): the agent derives
-/// each CPU's idle time as wall time minus this.
-#[btf_map]
-static CPU_BUSY_NS: PerCpuArray<u64, 1> = PerCpuArray::new();
 
 #[btf_map]
 static LOSS_COUNTERS: PerCpuArray<u64, { LossCounter::COUNT as usize }> = PerCpuArray::new();
@@ -242,12 +284,12 @@ fn weakly_ordered() -> bool {
 
 /// A full memory barrier on weakly ordered CPUs, nothing on x86: a
 /// compare-and-exchange (always a fetching, fully ordered atomic in eBPF)
-/// that succeeds on a slot only the reader uses and that stays 0. eBPF has
-/// no barrier instruction; the kernel treats fetching atomics as fully
-/// ordered, and the arm64 JIT emits `casal` (LSE) or an exclusive loop
-/// followed by `dmb ish`.
+/// that succeeds on `slot`, whose value stays 0. eBPF has no barrier
+/// instruction; the kernel treats fetching atomics as fully ordered, and
+/// the arm64 JIT emits `casal` (LSE) or an exclusive loop followed by
+/// `dmb ish`.
 #[inline(always)]
-fn reader_fence(slot: *mut u64) {
+fn fence_if_weakly_ordered(slot: *mut u64) {
     if weakly_ordered() {
         atomic(slot).compare_exchange_ordered(0, 0);
     }
@@ -274,17 +316,18 @@ struct AtomicSlot(*mut u64);
 
 impl AtomicSlot {
     #[inline(always)]
-    fn load(self) -> u64 {
-        // An aligned 8-byte load is single-copy atomic on BPF; LLVM's BPF
-        // backend cannot select an `atomic load` instruction itself.
-        // SAFETY: see the type's comment.
-        unsafe { ptr::read_volatile(self.0) }
-    }
-
-    #[inline(always)]
     fn fetch_add(self, value: u64) {
         // SAFETY: see the type's comment.
         unsafe { intrinsics::atomic_xadd::<u64, u64, { Relaxed }>(self.0, value) };
+    }
+
+    /// Stores `value` with a fully ordered exchange: every access before it
+    /// is visible to other CPUs before the new value, and every access after
+    /// it happens after (eBPF's exchange is always fully ordered).
+    #[inline(always)]
+    fn exchange_ordered(self, value: u64) {
+        // SAFETY: see the type's comment.
+        unsafe { intrinsics::atomic_xchg::<u64, { SeqCst }>(self.0, value) };
     }
 
     /// True when the slot held `current` and now holds `new`.
@@ -335,16 +378,212 @@ fn process_start_ns(leader: *const u8) -> u64 {
 }
 
 // ---------------------------------------------------------------------------
+// Slots.
+
+/// Reads a `T` field of a slot (or of another map value shared with the
+/// agent) without letting the compiler cache or merge it.
+#[inline(always)]
+fn load<T>(place: *const T) -> T {
+    // SAFETY: callers pass pointers into live map values.
+    unsafe { ptr::read_volatile(place) }
+}
+
+#[inline(always)]
+fn store<T>(place: *mut T, value: T) {
+    // SAFETY: callers pass pointers into live map values.
+    unsafe { ptr::write_volatile(place, value) }
+}
+
+#[inline(always)]
+fn control() -> Option<*mut Control> {
+    CONTROL.get_ptr_mut(0)
+}
+
+/// The generation the agent is collecting now.
+#[inline(always)]
+fn generation() -> u64 {
+    match control() {
+        // SAFETY: a live map value.
+        Some(control) => load(unsafe { &raw const (*control).generation }),
+        None => 0,
+    }
+}
+
+/// A slot from the agent's free ring, or one never used; `None` when all
+/// are taken.
+#[inline(always)]
+fn take_free_slot() -> Option<u32> {
+    let control = control()?;
+    // SAFETY: a live map value; the fields are 8-byte aligned.
+    let (tail, head, next_unused, fence) = unsafe {
+        (
+            &raw mut (*control).free_tail,
+            &raw const (*control).free_head,
+            &raw mut (*control).next_unused_slot,
+            &raw mut (*control)._pad1[0],
+        )
+    };
+    // SAFETY: a plain read of our own static.
+    let mask = unsafe { ptr::read_volatile(&raw const FREE_RING_MASK) };
+    // Bounded retries keep the verifier happy; losing the race to other
+    // CPUs four times in a row is left to the next switch.
+    for _ in 0..4 {
+        let taken = load(tail);
+        if taken >= load(head) {
+            break;
+        }
+        // The agent writes the entry before moving the head.
+        fence_if_weakly_ordered(fence);
+        let index = FREE_SLOTS.get_ptr((taken & mask) as u32).map(load)? as u32;
+        if atomic(tail).compare_exchange(taken, taken + 1) {
+            return Some(index);
+        }
+    }
+    // SAFETY: a plain read of our own static.
+    let capacity = u64::from(unsafe { ptr::read_volatile(&raw const THREAD_SLOTS) });
+    for _ in 0..4 {
+        let index = load(next_unused);
+        if index >= capacity {
+            return None;
+        }
+        if atomic(next_unused).compare_exchange(index, index + 1) {
+            return Some(index as u32);
+        }
+    }
+    None
+}
+
+/// Gives `task` a slot, with `last_runtime_ns` = `last`, and records it in
+/// the thread's `entry`. Returns the slot's index plus one, 0 when none is
+/// free.
+#[inline(never)]
+fn claim_slot(task: *mut c_void, entry: *mut TaskRuntime, last: u64) -> u32 {
+    let Some(index) = take_free_slot() else {
+        count_loss(LossCounter::ThreadSlotsFull, 1);
+        return 0;
+    };
+    let Some(slot) = THREADS.get_ptr_mut(index) else {
+        return 0;
+    };
+    // SAFETY: the slot is ours: the agent zeroed it before freeing it (or
+    // it was never used), and no other thread holds its index.
+    unsafe {
+        store(&raw mut (*slot).last_runtime_ns, last);
+        store(&raw mut (*slot).listed_generation, 0);
+        for socket in 0..MAX_SOCKETS {
+            store(&raw mut (*slot).cumulative_ns[socket], 0);
+        }
+        store(&raw mut (*slot).css_set, 0);
+    }
+    read_identity(task.cast(), slot);
+    // SAFETY: as above.
+    atomic(unsafe { &raw mut (*slot).state }).exchange_ordered(SLOT_LIVE);
+    let slot_plus_one = index + 1;
+    // SAFETY: the thread's own storage.
+    store(unsafe { &raw mut (*entry).slot_plus_one }, slot_plus_one);
+    slot_plus_one
+}
+
+/// Writes who `task` is into its slot.
+#[inline(never)]
+fn read_identity(task: *const u8, slot: *mut ThreadSlot) {
+    let leader = group_leader(task);
+    let tid: u32 = field(task, offset!(task_pid));
+    let tgid: u32 = field(task, offset!(task_tgid));
+    // The leader's name: thread names ("tokio-runtime-w") would hide the
+    // program.
+    let comm = read_kernel(leader, offset!(task_comm)).unwrap_or([0u8; COMM_LEN]);
+    let start = process_start_ns(leader);
+    let mm: u64 = field(task, offset!(task_mm));
+    // SAFETY: a live slot owned by this thread (see ThreadSlot).
+    unsafe {
+        store(&raw mut (*slot).mm, mm);
+        store(&raw mut (*slot).tid, tid);
+        store(&raw mut (*slot).tgid, tgid);
+        store(&raw mut (*slot).process_start_ns, start);
+        store(&raw mut (*slot).comm, comm);
+    }
+    refresh_cgroup(task, slot);
+}
+
+/// Re-reads a thread's name and process after an `execve` (a new `mm`).
+#[inline(always)]
+fn refresh_after_exec(task: *const u8, slot: *mut ThreadSlot) {
+    let mm: u64 = field(task, offset!(task_mm));
+    // SAFETY: a live slot owned by this thread.
+    if mm != load(unsafe { &raw const (*slot).mm }) {
+        read_identity(task, slot);
+    }
+}
+
+#[inline(always)]
+fn refresh_cgroup(task: *const u8, slot: *mut ThreadSlot) {
+    let css_set: *const u8 = field(task, offset!(task_cgroups));
+    // SAFETY: a live slot owned by this thread.
+    unsafe {
+        if css_set as u64 != load(&raw const (*slot).css_set) {
+            store(&raw mut (*slot).cgroup_id, cgroup_id_of(css_set));
+            store(&raw mut (*slot).css_set, css_set as u64);
+        }
+    }
+}
+
+/// css_set->dfl_cgrp->kn->id: the cgroup on the v2 hierarchy of the tasks
+/// that share `css_set`.
+#[inline(always)]
+fn cgroup_id_of(css_set: *const u8) -> u64 {
+    let cgroup: *const u8 = field(css_set, offset!(css_set_dfl_cgrp));
+    let kernfs_node: *const u8 = field(cgroup, offset!(cgroup_kn));
+    field(kernfs_node, offset!(kernfs_node_id))
+}
+
+/// Appends slot `index` to this CPU's ran list of `generation`'s parity.
+#[inline(always)]
+fn list_slot(log: *mut CpuLog, generation: u64, index: u32) {
+    // SAFETY: a helper without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let parity = (generation & 1) as usize;
+    // SAFETY: a plain read of our own static.
+    let len = unsafe { ptr::read_volatile(&raw const RAN_LIST_LEN) };
+    // SAFETY: this CPU's log; parity is 0 or 1.
+    let (listed_at, overflowed_at) = unsafe {
+        (
+            &raw mut (*log).listed[parity],
+            &raw mut (*log).overflowed[parity],
+        )
+    };
+    let listed = load(listed_at);
+    if listed >= u64::from(len) {
+        store(overflowed_at, 1);
+        count_loss(LossCounter::RanListOverflow, 1);
+        return;
+    }
+    let at = (cpu * 2 + parity as u32) * len + listed as u32;
+    let Some(entry) = RAN_LISTS.get_ptr_mut(at) else {
+        store(overflowed_at, 1);
+        return;
+    };
+    store(entry, u64::from(index));
+    if weakly_ordered() {
+        // Release: the entry is visible before the length that covers it.
+        atomic(listed_at).exchange_ordered(listed + 1);
+    } else {
+        store(listed_at, listed + 1);
+    }
+}
+
+// ---------------------------------------------------------------------------
 // The context-switch path.
 
 #[btf_tracepoint(function = "sched_switch")]
 pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
     // TP_PROTO(bool preempt, struct task_struct *prev, struct task_struct *next,
     //          unsigned int prev_state)
-    // Only `prev` (argument 1) is read: `prev_state` (argument 3) exists
-    // only from 5.18, so the state comes from the task itself.
+    // `prev_state` (argument 3) exists only from 5.18, so the state comes
+    // from the task itself; `next` is kept only as a number.
     let prev: *mut c_void = ctx.arg(1);
-    on_switch_out(prev);
+    let next: u64 = ctx.arg(2);
+    on_switch(prev, next);
     0
 }
 
@@ -362,55 +601,135 @@ fn task_state(task: *const u8) -> u32 {
 }
 
 #[inline(always)]
-fn on_switch_out(prev: *mut c_void) {
+fn on_switch(prev: *mut c_void, next: u64) {
+    // SAFETY: a helper without arguments (inlined by the verifier).
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let Some(log) = CPU_LOG.get_ptr_mut(cpu) else {
+        return;
+    };
     let runtime: u64 = field(prev.cast(), offset!(task_sum_exec_runtime));
-    // The idle threads keep no run time of their own; nothing to charge.
+    // SAFETY: this CPU's log, written only here.
+    unsafe { store(&raw mut (*log).current_task, next) };
+    // The idle task keeps no run time of its own; nothing to charge.
     if runtime == 0 {
+        // SAFETY: as above.
+        unsafe { store(&raw mut (*log).idle_task, prev as u64) };
         return;
     }
     let Some(entry) = TASK_RUNTIME.get(prev, true) else {
         // Creating the entry failed (only creating can: a lookup of an
         // existing entry succeeds even when the storage is busy). The time
-        // is not lost while the thread lives: `last_runtime_ns` stays
-        // behind, and the next switch or read charges from there.
+        // is not lost while the thread lives: its run time keeps counting,
+        // and the next switch that gets an entry charges from its start.
         count_loss(LossCounter::TaskStorageFull, 1);
         if task_state(prev.cast()) & TASK_DEAD != 0 {
-            exit_without_storage(prev, runtime);
+            exit_without_storage(prev, runtime, cpu);
         }
         return;
     };
-    // SAFETY: entry is this thread's storage, written on this path only by
-    // the CPU the thread is switching out of.
-    let entry = unsafe { &mut *entry };
-    let last = entry.last_runtime_ns;
-    // `last` first, then the cumulative figure: the iterator reads them in
-    // the opposite order, so it never sees the slice twice (see dump_tasks).
-    // SAFETY: aligned stores into this thread's storage; volatile keeps the
-    // compiler from reordering them.
-    unsafe { ptr::write_volatile(&raw mut entry.last_runtime_ns, runtime) };
-    if runtime > last {
-        let slice = runtime - last;
-        // SAFETY: a helper without arguments (inlined by the verifier).
-        let cpu = unsafe { bpf_get_smp_processor_id() };
-        let socket = &mut entry.by_socket[socket_of(cpu)];
-        let cumulative = socket.cumulative_ns;
-        if weakly_ordered() {
-            // Fully ordered, so the store to `last_runtime_ns` above becomes
-            // visible first (see the module's comment). Only this CPU writes
-            // the figure now, so the exchange always succeeds.
-            atomic(&raw mut socket.cumulative_ns)
-                .compare_exchange_ordered(cumulative, cumulative + slice);
-        } else {
-            // SAFETY: as above.
-            unsafe { ptr::write_volatile(&raw mut socket.cumulative_ns, cumulative + slice) };
+    // SAFETY: the thread's own storage, written on this path only by the
+    // CPU it is switching out of.
+    let mut slot_plus_one = load(unsafe { &raw const (*entry).slot_plus_one });
+    if slot_plus_one == 0 {
+        // SAFETY: as above.
+        let last = load(unsafe { &raw const (*entry).unslotted_last_ns });
+        slot_plus_one = claim_slot(prev, entry, last);
+        if slot_plus_one == 0 {
+            charge_without_slot(prev, entry, runtime, cpu, log);
+            return;
         }
-        if let Some(busy) = CPU_BUSY_NS.get_ptr_mut(0) {
-            // SAFETY: this CPU's slot.
-            unsafe { *busy += slice };
+    }
+    let index = slot_plus_one - 1;
+    let Some(slot) = THREADS.get_ptr_mut(index) else {
+        return;
+    };
+    // The slice is charged to the cgroup the thread is in now, so a thread
+    // moved into a container is counted there from its first switch on.
+    // The scheduler has just read `prev->cgroups` to charge the cgroup's
+    // own CPU time: the line is in cache.
+    refresh_cgroup(prev.cast(), slot);
+    // SAFETY: the thread's slot; only this CPU writes it now.
+    unsafe {
+        let last = load(&raw const (*slot).last_runtime_ns);
+        store(&raw mut (*slot).last_runtime_ns, runtime);
+        if runtime > last {
+            let slice = runtime - last;
+            let figure = &raw mut (*slot).cumulative_ns[socket_of(cpu)];
+            store(figure, load(figure) + slice);
+            store(
+                &raw mut (*log).busy_ns,
+                load(&raw const (*log).busy_ns) + slice,
+            );
         }
     }
     if task_state(prev.cast()) & TASK_DEAD != 0 {
-        flush_exited(prev, entry);
+        end_thread(prev, slot, index, log);
+        return;
+    }
+    // SAFETY: as above.
+    if load(unsafe { &raw const (*slot).listed_generation }) != generation() {
+        list_thread(prev, slot, index, log);
+    }
+}
+
+/// The thread's first switch of this generation: put it on the ran list,
+/// and read its name again if it ran `execve`.
+#[inline(never)]
+fn list_thread(task: *mut c_void, slot: *mut ThreadSlot, index: u32, log: *mut CpuLog) {
+    let generation = generation();
+    // SAFETY: the thread's slot; only this CPU writes it now.
+    store(unsafe { &raw mut (*slot).listed_generation }, generation);
+    refresh_after_exec(task.cast(), slot);
+    list_slot(log, generation, index);
+}
+
+/// The thread's last switch: mark its slot exited and list it.
+///
+/// The exchange orders the final figures before the generation is read.
+/// Reading the generation first, a switch that overlapped the agent's
+/// change of generation could add the last slice after the agent had read
+/// the slot on the old list; with the exchange first, the agent either
+/// finds the slot on the list it reads now, or on the old list's tail at
+/// its next read (it reads what was appended after it last looked).
+/// Its name is read once more: a process that ran `execve` and ended
+/// within one generation was listed under its parent's.
+#[inline(never)]
+fn end_thread(task: *mut c_void, slot: *mut ThreadSlot, index: u32, log: *mut CpuLog) {
+    read_identity(task.cast(), slot);
+    // SAFETY: the thread's slot.
+    atomic(unsafe { &raw mut (*slot).state }).exchange_ordered(SLOT_EXITED);
+    list_slot(log, generation(), index);
+}
+
+/// All slots are taken: charge the slice through `EXITED`, keyed by
+/// process (a hash update per switch, exact, until a slot frees up).
+#[inline(never)]
+fn charge_without_slot(
+    prev: *mut c_void,
+    entry: *mut TaskRuntime,
+    runtime: u64,
+    cpu: u32,
+    log: *mut CpuLog,
+) {
+    // SAFETY: the thread's own storage.
+    let last = unsafe {
+        let last = load(&raw const (*entry).unslotted_last_ns);
+        store(&raw mut (*entry).unslotted_last_ns, runtime);
+        last
+    };
+    let slice = runtime.saturating_sub(last);
+    let mut runtime_ns_by_socket = [0u64; MAX_SOCKETS];
+    runtime_ns_by_socket[socket_of(cpu)] = slice;
+    // SAFETY: this CPU's log.
+    unsafe {
+        store(
+            &raw mut (*log).busy_ns,
+            load(&raw const (*log).busy_ns) + slice,
+        )
+    };
+    let ended = task_state(prev.cast()) & TASK_DEAD != 0;
+    if slice > 0 || ended {
+        record_exit(prev, &runtime_ns_by_socket, slice, ended);
     }
 }
 
@@ -419,7 +738,7 @@ fn on_switch_out(prev: *mut c_void) {
 /// Born before, what it ran before the start is not ours and cannot be
 /// told apart: count it as lost.
 #[inline(never)]
-fn exit_without_storage(prev: *mut c_void, runtime: u64) {
+fn exit_without_storage(prev: *mut c_void, runtime: u64, cpu: u32) {
     let started: u64 = field(prev.cast(), offset!(task_start_boottime));
     // SAFETY: a plain read of our own static.
     let agent_start = unsafe { ptr::read_volatile(&raw const AGENT_START_BOOTTIME_NS) };
@@ -428,63 +747,31 @@ fn exit_without_storage(prev: *mut c_void, runtime: u64) {
         return;
     }
     let mut runtime_ns_by_socket = [0u64; MAX_SOCKETS];
-    // SAFETY: a helper without arguments.
-    let cpu = unsafe { bpf_get_smp_processor_id() };
     runtime_ns_by_socket[socket_of(cpu)] = runtime;
-    if let Some(busy) = CPU_BUSY_NS.get_ptr_mut(0) {
+    if let Some(log) = CPU_LOG.get_ptr_mut(cpu) {
         // Its slices were never added at switches: add them here, on the
         // CPU it ends on (the best place known).
-        // SAFETY: this CPU's slot.
-        unsafe { *busy += runtime };
+        // SAFETY: this CPU's log.
+        unsafe {
+            store(
+                &raw mut (*log).busy_ns,
+                load(&raw const (*log).busy_ns) + runtime,
+            )
+        };
     }
-    record_exit(prev, &runtime_ns_by_socket, runtime);
+    record_exit(prev, &runtime_ns_by_socket, runtime, true);
 }
 
-/// Moves the reported mark of one socket up to `total` (compare-and-swap:
-/// the iterator and a thread's last switch may race on it) and returns how
-/// much was not reported before.
-#[inline(always)]
-fn report_up_to(reported: *mut u64, total: u64) -> u64 {
-    let slot = atomic(reported);
-    // Bounded retries keep the verifier happy; losing the race twice in a row
-    // means the other side reported it.
-    for _ in 0..2 {
-        let before = slot.load();
-        if total <= before {
-            return 0;
-        }
-        if slot.compare_exchange(before, total) {
-            return total - before;
-        }
-    }
-    0
-}
-
-/// The thread is switching out for the last time: move what was never
-/// reported into `EXITED` before its storage is freed. `current` is still
-/// `prev` here (the tracepoint fires before the switch).
+/// Adds run time of `prev` to its process's `EXITED` entry (creating it),
+/// or counts it as lost when the map is full. `ended`: this is the
+/// thread's last switch (the agent then checks whether the process is gone).
 #[inline(never)]
-fn flush_exited(prev: *mut c_void, entry: &mut TaskRuntime) {
-    let mut runtime_ns_by_socket = [0u64; MAX_SOCKETS];
-    let mut total = 0u64;
-    for (out, socket) in runtime_ns_by_socket
-        .iter_mut()
-        .zip(entry.by_socket.iter_mut())
-        .take(sockets())
-    {
-        *out = report_up_to(&raw mut socket.reported_ns, socket.cumulative_ns);
-        total += *out;
-    }
-    record_exit(prev, &runtime_ns_by_socket, total);
-}
-
-/// Adds an ending thread's unreported run time to its process's `EXITED`
-/// entry (creating it), or counts it as lost when the map is full.
-#[inline(never)]
-fn record_exit(prev: *mut c_void, runtime_ns_by_socket: &[u64; MAX_SOCKETS], total: u64) {
-    // Even with nothing left to report, the entry tells the agent that a
-    // thread of this process ended, so it can check whether the process is
-    // gone without sweeping /proc.
+fn record_exit(
+    prev: *mut c_void,
+    runtime_ns_by_socket: &[u64; MAX_SOCKETS],
+    total: u64,
+    ended: bool,
+) {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let leader = group_leader(prev.cast());
     let key = ExitedKey {
@@ -493,11 +780,11 @@ fn record_exit(prev: *mut c_void, runtime_ns_by_socket: &[u64; MAX_SOCKETS], tot
         process_start_ns: process_start_ns(leader),
     };
     if let Some(existing) = EXITED.get_ptr_mut(key) {
-        add_exited(existing, runtime_ns_by_socket);
+        add_exited(existing, runtime_ns_by_socket, ended);
         return;
     }
     let value = ExitedValue {
-        threads_exited: 1,
+        threads_exited: u64::from(ended),
         // SAFETY: plain helper calls about `current`.
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         comm: read_kernel(leader, offset!(task_comm)).unwrap_or([0; COMM_LEN]),
@@ -508,7 +795,7 @@ fn record_exit(prev: *mut c_void, runtime_ns_by_socket: &[u64; MAX_SOCKETS], tot
     }
     // Another thread of the process inserted first, or the map is full.
     if let Some(existing) = EXITED.get_ptr_mut(key) {
-        add_exited(existing, runtime_ns_by_socket);
+        add_exited(existing, runtime_ns_by_socket, ended);
     } else {
         count_loss(LossCounter::ExitedMapFull, 1);
         count_loss(LossCounter::ExitedMapFullNs, total);
@@ -516,9 +803,11 @@ fn record_exit(prev: *mut c_void, runtime_ns_by_socket: &[u64; MAX_SOCKETS], tot
 }
 
 #[inline(always)]
-fn add_exited(existing: *mut ExitedValue, runtime_ns_by_socket: &[u64; MAX_SOCKETS]) {
-    // SAFETY: existing is a live map value.
-    atomic(unsafe { &raw mut (*existing).threads_exited }).fetch_add(1);
+fn add_exited(existing: *mut ExitedValue, runtime_ns_by_socket: &[u64; MAX_SOCKETS], ended: bool) {
+    if ended {
+        // SAFETY: existing is a live map value.
+        atomic(unsafe { &raw mut (*existing).threads_exited }).fetch_add(1);
+    }
     for (socket, amount) in runtime_ns_by_socket.iter().enumerate() {
         if *amount > 0 {
             // SAFETY: existing is a live map value; socket < MAX_SOCKETS.
@@ -529,7 +818,72 @@ fn add_exited(existing: *mut ExitedValue, runtime_ns_by_socket: &[u64; MAX_SOCKE
 }
 
 // ---------------------------------------------------------------------------
-// The reader: a task iterator the agent runs once per interval.
+// The running thread of a CPU, read on that CPU.
+
+/// Run by the agent on each busy CPU (`BPF_PROG_TEST_RUN` with
+/// `BPF_F_TEST_RUN_ON_CPU`, in an interrupt on that CPU, so the thread's
+/// own switch path cannot run meanwhile): the slice of the thread running
+/// there since its last switch, which a thread that never switches out
+/// would otherwise never report. `sum_exec_runtime` of a running thread is
+/// brought up to date at every scheduler tick.
+#[raw_tracepoint(tracepoint = "read_running")]
+pub fn read_running(_ctx: RawTracePointContext) -> i32 {
+    // SAFETY: helpers without arguments.
+    let (task, cpu) = unsafe {
+        (
+            bpf_get_current_task_btf().cast::<c_void>(),
+            bpf_get_smp_processor_id(),
+        )
+    };
+    let Some(out) = RUNNING.get_ptr_mut(cpu) else {
+        return 0;
+    };
+    // SAFETY: this CPU's entry, written only here.
+    unsafe {
+        store(&raw mut (*out).generation, generation());
+        store(&raw mut (*out).slot_plus_one, 0);
+        store(&raw mut (*out).in_progress_ns, 0);
+    }
+    let runtime: u64 = field(task.cast(), offset!(task_sum_exec_runtime));
+    if runtime == 0 {
+        return 0;
+    }
+    let Some(entry) = TASK_RUNTIME.get(task, true) else {
+        count_loss(LossCounter::TaskStorageFull, 1);
+        return 0;
+    };
+    // SAFETY: the thread's storage; its switch path cannot run meanwhile.
+    let mut slot_plus_one = load(unsafe { &raw const (*entry).slot_plus_one });
+    if slot_plus_one == 0 {
+        // A thread that has not switched out since it was born (or since
+        // the agent started): everything since `unslotted_last_ns` is new.
+        // SAFETY: as above.
+        let last = load(unsafe { &raw const (*entry).unslotted_last_ns });
+        slot_plus_one = claim_slot(task, entry, last);
+        if slot_plus_one == 0 {
+            return 0;
+        }
+    }
+    let Some(slot) = THREADS.get_ptr_mut(slot_plus_one - 1) else {
+        return 0;
+    };
+    refresh_after_exec(task.cast(), slot);
+    refresh_cgroup(task.cast(), slot);
+    // SAFETY: the thread's slot and this CPU's entry.
+    unsafe {
+        let last = load(&raw const (*slot).last_runtime_ns);
+        store(&raw mut (*out).in_progress_ns, runtime.saturating_sub(last));
+        store(&raw mut (*out).socket, socket_of(cpu) as u32);
+        for (socket, figure) in (*slot).cumulative_ns.iter().enumerate().take(sockets()) {
+            store(&raw mut (*out).cumulative_ns[socket], load(figure));
+        }
+        store(&raw mut (*out).slot_plus_one, slot_plus_one);
+    }
+    0
+}
+
+// ---------------------------------------------------------------------------
+// Start: every existing thread gets a slot.
 
 #[repr(C)]
 pub struct BpfIterMeta {
@@ -544,190 +898,10 @@ pub struct BpfIterTask {
     task: *mut c_void,
 }
 
-/// Reports every thread's run time beyond what it reported before, the
-/// slice in progress included. Writes one `TaskRecord` per thread with
-/// anything new or on a CPU now.
-#[unsafe(no_mangle)]
-#[unsafe(link_section = "iter/task")]
-extern "C" fn dump_tasks(ctx: *mut BpfIterTask) -> i32 {
-    // SAFETY: the kernel hands us a valid bpf_iter__task context.
-    let (meta, task) = unsafe {
-        (
-            ptr::read_volatile(&(*ctx).meta),
-            ptr::read_volatile(&(*ctx).task),
-        )
-    };
-    if task.is_null() {
-        return 0;
-    }
-    // A thread without storage has not switched out since the agent started
-    // (or was created since): its whole run time is new, so a zeroed entry
-    // is right.
-    let Some(entry) = TASK_RUNTIME.get(task, true) else {
-        count_loss(LossCounter::TaskStorageFull, 1);
-        return 0;
-    };
-    let mut record: TaskRecord = unsafe { MaybeUninit::zeroed().assume_init() };
-    let task_ptr: *const u8 = task.cast();
-    // SAFETY: entry is a live storage value.
-    let entry = unsafe { &mut *entry };
-    let fence = &raw mut entry.reader_fence;
-    // The switch path may update this thread's storage concurrently, on the
-    // CPU the thread leaves. It stores `last_runtime_ns` before the
-    // cumulative figure; reading in the opposite order (cumulative first)
-    // means a half-done update can only look like less run time than there
-    // is, never more, and under-reporting is made up by the next read (see
-    // the module's comment for weakly ordered CPUs).
-    //
-    // One case remains: a switch-out that completes between our loads, after
-    // which the thread runs elsewhere (another socket, or the same one):
-    // `last` from before it with `sum_exec_runtime` and `cpu` from after
-    // would put the ended slice in the "in progress" part too, and if the
-    // thread then exits, its last switch reports that slice again. The
-    // kernel bumps the thread's switch count before `sched_switch` fires, so
-    // a count that moved while we read means exactly that: then only the
-    // cumulative figures (each only ever grows) are claimed.
-    let switches_before = switch_count(task_ptr);
-    reader_fence(fence);
-    let mut cumulative = [0u64; MAX_SOCKETS];
-    for (out, socket) in cumulative
-        .iter_mut()
-        .zip(entry.by_socket.iter())
-        .take(sockets())
-    {
-        // SAFETY: an aligned 8-byte load of a live map value.
-        *out = unsafe { ptr::read_volatile(&raw const socket.cumulative_ns) };
-    }
-    reader_fence(fence);
-    // SAFETY: as above.
-    let last = unsafe { ptr::read_volatile(&raw const entry.last_runtime_ns) };
-    // The slice in progress: scheduler run time not yet seen at a switch.
-    // `sum_exec_runtime` of a running task is updated at every tick.
-    let runtime: u64 = field(task_ptr, offset!(task_sum_exec_runtime));
-    let cpu: u32 = field(task_ptr, offset!(task_cpu));
-    reader_fence(fence);
-    let switches_after = switch_count(task_ptr);
-    let mut in_progress_socket = MAX_SOCKETS;
-    if runtime > last && switches_before == switches_after {
-        record.in_progress_ns = runtime - last;
-        record.cpu = cpu;
-        in_progress_socket = socket_of(cpu);
-    }
-    let mut anything = record.in_progress_ns > 0;
-    // What each socket's mark was moved up to, to undo the claim if the
-    // record cannot be written.
-    let mut claimed_up_to = [0u64; MAX_SOCKETS];
-    for (index, (((socket, delta), total), claimed)) in entry
-        .by_socket
-        .iter_mut()
-        .zip(record.runtime_ns_by_socket.iter_mut())
-        .zip(cumulative)
-        .zip(claimed_up_to.iter_mut())
-        .take(sockets())
-        .enumerate()
-    {
-        let total = if index == in_progress_socket {
-            total + record.in_progress_ns
-        } else {
-            total
-        };
-        *delta = report_up_to(&raw mut socket.reported_ns, total);
-        *claimed = total;
-        anything |= *delta != 0;
-    }
-    if !anything {
-        return 0;
-    }
-    // Identity: cached in the storage, so a read of a busy machine touches
-    // few cache lines per thread. The cgroup is re-read when the task's
-    // css_set changes (a migration); the rest for a thread's first reports
-    // and every 8th after (a name changes at exec).
-    let css_set: *const u8 = field(task_ptr, offset!(task_cgroups));
-    if css_set as u64 != entry.css_set {
-        entry.cgroup_id = cgroup_id_of(css_set);
-        entry.css_set = css_set as u64;
-    }
-    if entry.reports < 4 || entry.reports % 8 == 0 {
-        entry.tid = field(task_ptr, offset!(task_pid));
-        entry.tgid = field(task_ptr, offset!(task_tgid));
-        let leader = group_leader(task_ptr);
-        entry.process_start_ns = process_start_ns(leader);
-        // The leader's name: thread names ("tokio-runtime-w") would hide the
-        // program.
-        entry.comm = read_kernel(leader, offset!(task_comm)).unwrap_or([0; COMM_LEN]);
-    }
-    entry.reports = entry.reports.wrapping_add(1);
-    record.tid = entry.tid;
-    record.tgid = entry.tgid;
-    record.process_start_ns = entry.process_start_ns;
-    record.comm = entry.comm;
-    record.cgroup_id = entry.cgroup_id;
-    // SAFETY: meta is valid for this call; the record lives on our stack.
-    let written = unsafe {
-        let seq = ptr::read_volatile(&(*meta).seq);
-        bpf_seq_write(
-            seq.cast(),
-            ptr::from_ref(&record).cast(),
-            size_of::<TaskRecord>() as u32,
-        )
-    };
-    if written != 0 {
-        // The record did not fit the kernel's buffer (-EOVERFLOW): the
-        // kernel drops it and runs this program for the same thread on the
-        // next read(). Undo the claim so that run reports the slice again.
-        unclaim(entry, &record.runtime_ns_by_socket, &claimed_up_to);
-    }
-    0
-}
-
-/// Moves each socket's reported mark back from `claimed_up_to` by what the
-/// dropped record held. A mark that moved on since (the thread's last
-/// switch reported past it) cannot be moved back: that slice is counted as
-/// lost.
-#[inline(never)]
-fn unclaim(
-    entry: &mut TaskRuntime,
-    delta_by_socket: &[u64; MAX_SOCKETS],
-    claimed_up_to: &[u64; MAX_SOCKETS],
-) {
-    count_loss(LossCounter::IteratorRecordRewound, 1);
-    for ((socket, delta), claimed) in entry
-        .by_socket
-        .iter_mut()
-        .zip(delta_by_socket)
-        .zip(claimed_up_to)
-        .take(sockets())
-    {
-        if *delta == 0 {
-            continue;
-        }
-        let mark = atomic(&raw mut socket.reported_ns);
-        if !mark.compare_exchange(*claimed, *claimed - *delta) {
-            count_loss(LossCounter::IteratorRecordLostNs, *delta);
-        }
-    }
-}
-
-/// The thread's context switches so far (voluntary + involuntary).
-#[inline(always)]
-fn switch_count(task: *const u8) -> u64 {
-    let voluntary: u64 = field(task, offset!(task_nvcsw));
-    let involuntary: u64 = field(task, offset!(task_nivcsw));
-    voluntary.wrapping_add(involuntary)
-}
-
-/// css_set->dfl_cgrp->kn->id: the cgroup on the v2 hierarchy of the tasks
-/// that share `css_set`.
-#[inline(always)]
-fn cgroup_id_of(css_set: *const u8) -> u64 {
-    let cgroup: *const u8 = field(css_set, offset!(css_set_dfl_cgrp));
-    let kernfs_node: *const u8 = field(cgroup, offset!(cgroup_kn));
-    field(kernfs_node, offset!(kernfs_node_id))
-}
-
-/// Runs once before `sched_switch` is attached: marks every existing
-/// thread's run time so far as seen, so powerlens charges only what runs
-/// after it started (a daemon's hour of history is not one interval's work).
+/// Runs once before `sched_switch` is attached: gives every existing thread
+/// a slot with its run time so far marked as seen, so powerlens charges
+/// only what runs after it started (a daemon's hour of history is not one
+/// interval's work). Writes nothing.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/task")]
 extern "C" fn baseline_tasks(ctx: *mut BpfIterTask) -> i32 {
@@ -744,8 +918,9 @@ extern "C" fn baseline_tasks(ctx: *mut BpfIterTask) -> i32 {
     // SAFETY: entry is a live storage value; sched_switch is not attached
     // yet, so nothing else writes it.
     unsafe {
-        if (*entry).last_runtime_ns == 0 {
-            (*entry).last_runtime_ns = runtime;
+        if load(&raw const (*entry).slot_plus_one) == 0 {
+            store(&raw mut (*entry).unslotted_last_ns, runtime);
+            claim_slot(task, entry, runtime);
         }
     }
     0

@@ -112,6 +112,7 @@ pub fn select_source(
                 config.btf_path.clone(),
                 config.procfs_root.clone(),
                 config.exited_map_capacity,
+                config.thread_slots,
             );
             match EbpfCpuSource::load(&options, topology.clone()) {
                 Ok(source) => Ok((Box::new(source), vec![ok("cpu:ebpf")])),

@@ -67,6 +67,11 @@ pub struct Config {
     /// (`exited_map_full_ns`); raise it on nodes that fork more than this
     /// many short-lived processes per interval. ~120 bytes each.
     pub exited_map_capacity: u32,
+    /// Thread slots the kernel side keeps: threads alive at once, plus those
+    /// that ended since the last read. Past it a thread's time still counts
+    /// exactly, at a hash update per switch (`thread_slots_full` counts
+    /// them). 144 bytes of kernel memory each (19 MiB at the default).
+    pub thread_slots: u32,
     /// Kernel BTF (type information) used to load the programs.
     pub btf_path: PathBuf,
     pub procfs_root: PathBuf,
@@ -124,6 +129,7 @@ impl Default for Config {
             max_exited_processes: crate::accounting::DEFAULT_MAX_EXITED_PROCESSES,
             method: MethodChoice::Auto,
             exited_map_capacity: agent_common::EXITED_MAP_CAPACITY,
+            thread_slots: agent_common::DEFAULT_THREAD_SLOTS,
             btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
             procfs_root: PathBuf::from("/proc"),
             sysfs_root: PathBuf::from("/sys"),
@@ -181,6 +187,10 @@ pub struct Overrides {
     /// Exited processes the kernel side holds between two reads.
     #[arg(long, env = "POWERLENS_EXITED_MAP_CAPACITY")]
     pub exited_map_capacity: Option<u32>,
+    /// Threads (alive, or ended since the last read) the kernel side keeps
+    /// a slot for.
+    #[arg(long, env = "POWERLENS_THREAD_SLOTS")]
+    pub thread_slots: Option<u32>,
     #[arg(long, env = "POWERLENS_BTF_PATH")]
     pub btf_path: Option<PathBuf>,
     /// Root of procfs (for containers that mount the host's elsewhere).
@@ -357,6 +367,9 @@ impl Config {
         if let Some(v) = o.exited_map_capacity {
             self.exited_map_capacity = v;
         }
+        if let Some(v) = o.thread_slots {
+            self.thread_slots = v;
+        }
         if let Some(v) = o.method {
             self.method = v;
         }
@@ -469,6 +482,12 @@ impl Config {
             return Err(ConfigError::Invalid {
                 field: "exited_map_capacity",
                 message: format!("{} is outside 1..=16777216", self.exited_map_capacity),
+            });
+        }
+        if !(1..=1 << 22).contains(&self.thread_slots) {
+            return Err(ConfigError::Invalid {
+                field: "thread_slots",
+                message: format!("{} is outside 1..=4194304", self.thread_slots),
             });
         }
         for (field, path) in [

@@ -270,18 +270,31 @@ fn compare_every_process_with_schedstat(
     (off, worst, pids.len())
 }
 
+/// Threads on this machine now (every thread gets a slot at the agent's
+/// start).
+fn threads_now() -> u32 {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|entry| std::fs::read_dir(entry.path().join("task")).ok())
+        .map(|tasks| tasks.count() as u32)
+        .sum()
+}
+
 #[test]
-fn records_the_kernel_drops_at_its_buffer_edge_are_undone_and_reported_again() {
+fn with_too_few_slots_and_short_ran_lists_every_process_still_matches_its_schedstat() {
     if !require_root() {
         return;
     }
-    // Reading 1 MiB at a time lets the kernel fill its 32 KiB buffer to the
-    // edge, where it drops a record and runs the program again for that
-    // thread: the programs' undo must make that run report the slice again.
+    // Slots for the threads there are plus 200 (the crowd brings 600) and
+    // ran lists of 64 per CPU: some crowd threads go through `EXITED` at
+    // every switch, and the lists fill up, so the agent reads every slot.
+    let slots = (threads_now() + 200).to_string();
     let agent = Agent::start_with_env(
         "250ms",
-        &["--method", "ebpf"],
-        &[("POWERLENS_ITERATOR_READ_BYTES", "1048576")],
+        &["--method", "ebpf", "--thread-slots", &slots],
+        &[("POWERLENS_RAN_LIST_LEN", "64")],
     );
     let container_id = random_hex(64);
     let cgroup = TestCgroup::create(&format!("system.slice/docker-{container_id}.scope"));
@@ -295,12 +308,16 @@ fn records_the_kernel_drops_at_its_buffer_edge_are_undone_and_reported_again() {
     let (off, worst, count) = compare_every_process_with_schedstat(&agent, &cgroup, &container_id);
     let losses = agent.get("/healthz").1["losses"].clone();
     eprintln!(
-        "{count} processes read 1 MiB at a time: worst {:.4}%, losses {losses}",
+        "{count} processes, {slots} slots, lists of 64: worst {:.4}%, losses {losses}",
         worst * 100.0
     );
     assert!(
-        losses["iterator_record_rewound"].as_u64().unwrap_or(0) > 0,
-        "600 records (72 KB) per read must reach the 32 KiB edge: {losses}"
+        losses["thread_slots_full"].as_u64().unwrap_or(0) > 0,
+        "600 threads with 200 spare slots: {losses}"
+    );
+    assert!(
+        losses["ran_list_overflow"].as_u64().unwrap_or(0) > 0,
+        "hundreds of busy threads per CPU in lists of 64: {losses}"
     );
     assert!(
         off.is_empty(),
@@ -316,9 +333,18 @@ fn a_full_exited_map_is_counted_and_nothing_else_is_lost() {
     if !require_root() {
         return;
     }
-    // Room for 4 exited processes between reads, and 300 children that
-    // each burn 2 ms and exit, one after another.
-    let agent = Agent::start(&["--method", "ebpf", "--exited-map-capacity", "4"]);
+    // No spare thread slot, so the children go through `EXITED`; room
+    // there for 4 processes between reads, and 300 children that each burn
+    // 2 ms and exit, one after another.
+    let slots = threads_now().to_string();
+    let agent = Agent::start(&[
+        "--method",
+        "ebpf",
+        "--exited-map-capacity",
+        "4",
+        "--thread-slots",
+        &slots,
+    ]);
     let container_id = random_hex(64);
     let cgroup = TestCgroup::create(&format!("system.slice/docker-{container_id}.scope"));
     let (children, parent_self) = run_short_lived(&cgroup, 300, 2);

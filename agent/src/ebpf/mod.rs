@@ -1,26 +1,31 @@
 //! Loads the kernel programs and reads them: the eBPF [`CpuTimeSource`].
 //!
-//! Start-up order matters for exactness: the baseline iterator first marks
-//! every existing thread's past run time as claimed, then `sched_switch` is
-//! attached, then each read runs `dump_tasks` and drains `EXITED`.
+//! Start-up order matters for exactness: the baseline iterator first gives
+//! every existing thread a slot with its past run time marked as seen, then
+//! `sched_switch` is attached; each read then visits the slots of threads
+//! that ran ([`threads`]) and drains `EXITED`.
 
 pub mod btf;
+pub mod threads;
 
-use std::{collections::HashSet, path::PathBuf};
+use std::{collections::HashSet, os::fd::AsFd as _, path::PathBuf};
 
 use agent_common::{
-    CgroupCreated, ExitedKey, ExitedValue, KernelOffsets, LossCounter, MAX_SOCKETS, TaskRecord,
+    CgroupCreated, ExitedKey, ExitedValue, KernelOffsets, LossCounter, MAX_SOCKETS,
     names::{self, GLOBAL_CPU_TO_SOCKET, GLOBAL_OFFSETS},
 };
 use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
-    programs::{BtfTracePoint, Iter, ProgramError},
+    programs::{
+        BtfTracePoint, Iter, ProgramError, RawTracePoint, RawTracePointRunOptions, TestRun as _,
+    },
 };
 use rustc_hash::FxHashMap;
 use thiserror::Error;
 use tracing::{debug, info};
 
+use self::threads::{SharedArray, SharedMaps, SlotReader};
 use crate::{
     cpu::{
         Comm, CpuReading, CpuSourceError, CpuTimeSource, Method, ProcessKey, ProcessUsage,
@@ -100,8 +105,6 @@ pub fn below_kernel_floor(release: &str) -> Option<String> {
 /// Reads the offsets the programs need from the kernel's BTF.
 pub fn kernel_offsets(btf: &btf::Btf) -> Result<KernelOffsets, btf::BtfError> {
     let task = |path: &[&str]| btf.member_offset("task_struct", path);
-    // Since 5.16 `cpu` lives in task_struct; before, in thread_info.
-    let task_cpu = task(&["cpu"]).or_else(|_| task(&["thread_info", "cpu"]))?;
     // 5.14 renamed `volatile long state` to `unsigned int __state`.
     let (task_state, task_state_size) = match task(&["__state"]) {
         Ok(offset) => (offset, 4),
@@ -114,37 +117,14 @@ pub fn kernel_offsets(btf: &btf::Btf) -> Result<KernelOffsets, btf::BtfError> {
         task_start_boottime: task(&["start_boottime"])?,
         task_group_leader: task(&["group_leader"])?,
         task_comm: task(&["comm"])?,
+        task_mm: task(&["mm"])?,
         task_cgroups: task(&["cgroups"])?,
-        task_cpu,
         css_set_dfl_cgrp: btf.member_offset("css_set", &["dfl_cgrp"])?,
         cgroup_kn: btf.member_offset("cgroup", &["kn"])?,
         kernfs_node_id: btf.member_offset("kernfs_node", &["id"])?,
         task_state,
         task_state_size,
-        task_nvcsw: task(&["nvcsw"])?,
-        task_nivcsw: task(&["nivcsw"])?,
     })
-}
-
-/// Parses the iterator's output: a sequence of `TaskRecord`s. A trailing
-/// partial record (which the kernel never writes) is ignored.
-pub fn parse_records(bytes: &[u8]) -> impl Iterator<Item = TaskRecord> + '_ {
-    bytes
-        .chunks_exact(size_of::<TaskRecord>())
-        // SAFETY: TaskRecord is repr(C) plain integers; any bytes are valid;
-        // read_unaligned copes with the Vec's alignment.
-        .map(|chunk| unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<TaskRecord>()) })
-}
-
-/// Turns one record into usage (the kernel side already put the slice in
-/// progress on the socket of the CPU it runs on).
-pub fn record_usage(record: &TaskRecord, ticks_per_second: u64) -> ProcessUsage {
-    ProcessUsage {
-        key: ProcessKey::at_tick(record.tgid, record.process_start_ns, ticks_per_second),
-        comm: Comm(record.comm),
-        cgroup_id: record.cgroup_id,
-        runtime_ns_by_socket: record.runtime_ns_by_socket,
-    }
 }
 
 /// What the agent remembers of an `EXITED` entry between reads.
@@ -169,36 +149,71 @@ pub struct EbpfOptions {
     pub procfs_root: PathBuf,
     /// Entries of the `EXITED` map.
     pub exited_map_capacity: u32,
-    /// Bytes asked of the task iterator per `read()` (`ITER_READ_BYTES`
-    /// unless a diagnostic run sets `POWERLENS_ITERATOR_READ_BYTES`, e.g.
-    /// to exercise the programs' undo of records dropped at the kernel
-    /// buffer's edge).
-    pub iterator_read_bytes: usize,
+    /// Slots of `THREADS`: threads alive at once plus those ended since the
+    /// last read.
+    pub thread_slots: u32,
+    /// Entries of each ran list, when a diagnostic run sets
+    /// `POWERLENS_RAN_LIST_LEN` (e.g. to exercise the agent's read of every
+    /// slot when a list fills up); else from the slots and CPUs.
+    pub ran_list_len: Option<u32>,
 }
 
 impl EbpfOptions {
-    pub fn new(btf_path: PathBuf, procfs_root: PathBuf, exited_map_capacity: u32) -> Self {
-        let iterator_read_bytes = std::env::var("POWERLENS_ITERATOR_READ_BYTES")
+    pub fn new(
+        btf_path: PathBuf,
+        procfs_root: PathBuf,
+        exited_map_capacity: u32,
+        thread_slots: u32,
+    ) -> Self {
+        let ran_list_len = std::env::var("POWERLENS_RAN_LIST_LEN")
             .ok()
-            .and_then(|text| text.parse::<usize>().ok())
-            .filter(|bytes| *bytes >= size_of::<TaskRecord>())
-            .unwrap_or(ITER_READ_BYTES);
+            .and_then(|text| text.parse::<u32>().ok())
+            .filter(|len| *len > 0);
         Self {
             btf_path,
             procfs_root,
             exited_map_capacity,
-            iterator_read_bytes,
+            thread_slots,
+            ran_list_len,
         }
+    }
+}
+
+/// Sizes of the shared arrays for `slots` thread slots on `cpus` CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharedSizes {
+    pub slots: u32,
+    /// A power of two, at least `slots`.
+    pub free_ring: u32,
+    /// Entries per CPU and generation parity: twice a fair share of the
+    /// slots, within 1,024..=65,536. A CPU that lists more threads in one
+    /// generation makes the agent read every slot once (correct, slower).
+    pub ran_list_len: u32,
+    pub cpus: u32,
+}
+
+impl SharedSizes {
+    pub fn new(slots: u32, cpus: usize) -> Self {
+        let cpus = cpus.max(1) as u32;
+        let slots = slots.max(1);
+        Self {
+            slots,
+            free_ring: slots.next_power_of_two(),
+            ran_list_len: (slots.saturating_mul(2) / cpus).clamp(1024, 65_536),
+            cpus,
+        }
+    }
+
+    pub fn ran_lists(&self) -> u32 {
+        self.cpus * 2 * self.ran_list_len
     }
 }
 
 pub struct EbpfCpuSource {
     ebpf: Ebpf,
     cgroup_events: Option<aya::maps::RingBuf<MapData>>,
-    iterator_read_bytes: usize,
-    topology: Topology,
+    slots: SlotReader,
     procfs_root: PathBuf,
-    buffer: Vec<u8>,
     exited: FxHashMap<ExitedKey, ExitedTrack>,
     last_busy_ns: Vec<u64>,
     /// In-progress slices per CPU at the previous read: already reported as
@@ -279,6 +294,10 @@ impl EbpfCpuSource {
         })?;
         drop((btf_bytes, attach_btf));
         let cpu_table = topology.kernel_table();
+        let mut sizes = SharedSizes::new(options.thread_slots, topology.possible_cpus());
+        if let Some(len) = options.ran_list_len {
+            sizes.ran_list_len = len;
+        }
         let mut ebpf = loader
             // aya has no user-space wrapper for task storage; we only ever
             // reach it from the programs, so let aya create it as is.
@@ -288,13 +307,26 @@ impl EbpfCpuSource {
             .override_global(names::GLOBAL_SOCKETS, &(topology.sockets() as u32), true)
             .override_global(names::GLOBAL_AGENT_START_BOOTTIME_NS, &boottime_ns(), true)
             .override_global(names::GLOBAL_WEAKLY_ORDERED, &WEAKLY_ORDERED, true)
+            .override_global(names::GLOBAL_THREAD_SLOTS, &sizes.slots, true)
+            .override_global(
+                names::GLOBAL_FREE_RING_MASK,
+                &(u64::from(sizes.free_ring) - 1),
+                true,
+            )
+            .override_global(names::GLOBAL_RAN_LIST_LEN, &sizes.ran_list_len, true)
             .map_max_entries(names::EXITED, options.exited_map_capacity)
+            .map_max_entries(names::THREADS, sizes.slots)
+            .map_max_entries(names::FREE_SLOTS, sizes.free_ring)
+            .map_max_entries(names::RAN_LISTS, sizes.ran_lists())
+            .map_max_entries(names::CPU_LOG, sizes.cpus)
+            .map_max_entries(names::RUNNING, sizes.cpus)
+            .map_max_entries(names::CONTROL, 1)
             .load(KERNEL_OBJECT)?;
+        let shared = map_shared(&ebpf, sizes)?;
 
         // 1. Baseline: past run time of existing threads is not ours to report.
         load_iter(&mut ebpf, names::BASELINE_TASKS, &aya_btf)?;
-        let mut sink = Vec::new();
-        run_iter(&mut ebpf, names::BASELINE_TASKS, &mut sink, ITER_READ_BYTES)?;
+        run_iter(&mut ebpf, names::BASELINE_TASKS)?;
         // 2. The switch path.
         let switch: &mut BtfTracePoint = ebpf
             .program_mut(names::SCHED_SWITCH)
@@ -311,8 +343,19 @@ impl EbpfCpuSource {
                 program: names::SCHED_SWITCH,
                 source,
             })?;
-        // 3. The reader.
-        load_iter(&mut ebpf, names::DUMP_TASKS, &aya_btf)?;
+        // 3. The reader of running threads (run on demand, never attached).
+        let running: &mut RawTracePoint = ebpf
+            .program_mut(names::READ_RUNNING)
+            .ok_or(EbpfLoadError::MissingProgram(names::READ_RUNNING))?
+            .try_into()
+            .map_err(|source| EbpfLoadError::Program {
+                program: names::READ_RUNNING,
+                source,
+            })?;
+        running.load().map_err(|source| EbpfLoadError::Program {
+            program: names::READ_RUNNING,
+            source,
+        })?;
         // 4. Cgroup names as they are made. Optional: without it, a
         //    container that lives less than an interval is charged to the
         //    host, as before.
@@ -326,29 +369,34 @@ impl EbpfCpuSource {
             }
         };
 
-        let mut source = Self {
-            ebpf,
-            cgroup_events,
-            topology,
-            procfs_root: options.procfs_root.clone(),
-            iterator_read_bytes: options.iterator_read_bytes,
-            buffer: Vec::with_capacity(1 << 16),
-            exited: FxHashMap::default(),
-            last_busy_ns: Vec::new(),
-            last_in_progress_ns: Vec::new(),
-            live: FxHashMap::default(),
-            reads: 0,
-            clock_ticks_per_second: procinfo::clock_ticks_per_second(),
-        };
-        // Start the busy counters from here, not from the baseline.
-        source.last_busy_ns = source.read_busy_ns().map_err(|e| EbpfLoadError::Map {
-            map: names::CPU_BUSY_NS,
-            message: e.to_string(),
-        })?;
+        let clock_ticks_per_second = procinfo::clock_ticks_per_second();
+        let slots = SlotReader::new(
+            shared,
+            sizes.cpus as usize,
+            topology.sockets(),
+            clock_ticks_per_second,
+        );
         drop(aya_btf);
         release_free_memory();
-        info!("kernel programs loaded and attached (sched_switch, task iterator)");
-        Ok(source)
+        info!(
+            thread_slots = sizes.slots,
+            ran_list_len = sizes.ran_list_len,
+            "kernel programs loaded and attached (sched_switch, cgroup_mkdir)"
+        );
+        Ok(Self {
+            ebpf,
+            cgroup_events,
+            slots,
+            procfs_root: options.procfs_root.clone(),
+            exited: FxHashMap::default(),
+            // The kernel's busy counters start at zero when sched_switch is
+            // attached: the first read's busy time is all since then.
+            last_busy_ns: vec![0; sizes.cpus as usize],
+            last_in_progress_ns: vec![0; sizes.cpus as usize],
+            live: FxHashMap::default(),
+            reads: 0,
+            clock_ticks_per_second,
+        })
     }
 
     /// The loaded object, for benchmarks that attach the empty baseline.
@@ -368,18 +416,10 @@ impl EbpfCpuSource {
         PerCpuArray::try_from(map).map_err(|e| map_error(name, e))
     }
 
-    fn read_busy_ns(&self) -> Result<Vec<u64>, CpuSourceError> {
-        let busy = self.per_cpu_counters(names::CPU_BUSY_NS)?;
-        let values = busy
-            .get(&0, 0)
-            .map_err(|e| map_error(names::CPU_BUSY_NS, e))?;
-        Ok(values.iter().copied().collect())
-    }
-
     /// The switch path's and the reader's run-time statistics (one
     /// `bpf_obj_get_info_by_fd` each). A failure only leaves a program out.
     fn program_stats(&self) -> Vec<ProgramStats> {
-        [names::SCHED_SWITCH, names::DUMP_TASKS]
+        [names::SCHED_SWITCH, names::READ_RUNNING]
             .into_iter()
             .filter_map(|name| {
                 let info = self.ebpf.program(name)?.info().ok()?;
@@ -506,42 +546,53 @@ impl CpuTimeSource for EbpfCpuSource {
     fn read(&mut self) -> Result<CpuReading, CpuSourceError> {
         self.reads += 1;
         let mut reading = CpuReading::default();
-        let mut buffer = std::mem::take(&mut self.buffer);
-        buffer.clear();
-        // A read that fails part-way has already moved the kernel's marks
-        // for the records it returned: keep them, and report the error with
-        // the reading rather than instead of it.
-        if let Err(error) = run_iter(
-            &mut self.ebpf,
-            names::DUMP_TASKS,
-            &mut buffer,
-            self.iterator_read_bytes,
-        ) {
-            reading.errors.push(error.to_string());
+        let running = self
+            .ebpf
+            .program(names::READ_RUNNING)
+            .and_then(|program| <&RawTracePoint>::try_from(program).ok());
+        let slots = self.slots.read(&mut |cpu| {
+            let program =
+                running.ok_or_else(|| std::io::Error::other("read_running not loaded"))?;
+            program
+                .test_run(RawTracePointRunOptions {
+                    cpu: Some(cpu),
+                    ..RawTracePointRunOptions::new()
+                })
+                .map(drop)
+                .map_err(|error| match error {
+                    ProgramError::SyscallError(error) => error.io_error,
+                    other => std::io::Error::other(other.to_string()),
+                })
+        });
+        reading.errors.extend(slots.errors);
+        for usage in slots.usage {
+            match self.live.insert(usage.key.pid, usage.key.start_ns) {
+                // The PID was reused: the old process is gone.
+                Some(old_start) if old_start != usage.key.start_ns => {
+                    reading.exited.push(ProcessKey {
+                        pid: usage.key.pid,
+                        start_ns: old_start,
+                    });
+                }
+                _ => {}
+            }
+            reading.usage.push(usage);
         }
-        let mut in_progress_by_cpu = vec![0u64; self.topology.possible_cpus().max(1)];
-        {
-            for record in parse_records(&buffer) {
-                if record.in_progress_ns > 0
-                    && let Some(slot) = in_progress_by_cpu.get_mut(record.cpu as usize)
-                {
-                    *slot += record.in_progress_ns;
+        // A thread ended: is it the whole process?
+        for process in slots.threads_ended {
+            let alive = procinfo::process_alive(
+                &self.procfs_root,
+                process.pid,
+                process.start_ns,
+                self.clock_ticks_per_second,
+            );
+            if !alive {
+                reading.exited.push(process);
+                if self.live.get(&process.pid) == Some(&process.start_ns) {
+                    self.live.remove(&process.pid);
                 }
-                let usage = record_usage(&record, self.clock_ticks_per_second);
-                match self.live.insert(usage.key.pid, usage.key.start_ns) {
-                    // The PID was reused: the old process is gone.
-                    Some(old_start) if old_start != usage.key.start_ns => {
-                        reading.exited.push(ProcessKey {
-                            pid: usage.key.pid,
-                            start_ns: old_start,
-                        });
-                    }
-                    _ => {}
-                }
-                reading.usage.push(usage);
             }
         }
-        self.buffer = buffer;
 
         if let Err(error) = self.drain_exited(&mut reading) {
             reading.errors.push(error.to_string());
@@ -549,25 +600,14 @@ impl CpuTimeSource for EbpfCpuSource {
         if self.reads.is_multiple_of(LIVENESS_SWEEP_EVERY) {
             self.sweep_liveness(&mut reading);
         }
-
-        match self.read_busy_ns() {
-            Ok(busy) => {
-                reading.busy_ns_by_cpu = busy_deltas(
-                    &self.last_busy_ns,
-                    &busy,
-                    &self.last_in_progress_ns,
-                    &in_progress_by_cpu,
-                );
-                self.last_busy_ns = busy;
-                self.last_in_progress_ns = in_progress_by_cpu;
-            }
-            // Both "last" figures stay as they were, so the next deltas
-            // cover this window too (the accounting carries its wall time).
-            Err(error) => {
-                reading.busy_missing = true;
-                reading.errors.push(error.to_string());
-            }
-        }
+        reading.busy_ns_by_cpu = busy_deltas(
+            &self.last_busy_ns,
+            &slots.busy_ns_by_cpu,
+            &self.last_in_progress_ns,
+            &slots.in_progress_by_cpu,
+        );
+        self.last_busy_ns = slots.busy_ns_by_cpu;
+        self.last_in_progress_ns = slots.in_progress_by_cpu;
         match self.read_losses() {
             Ok(losses) => reading.losses = losses,
             Err(error) => reading.errors.push(error.to_string()),
@@ -671,30 +711,9 @@ fn load_iter(ebpf: &mut Ebpf, name: &'static str, btf: &Btf) -> Result<(), EbpfL
         })
 }
 
-/// Bytes asked of the iterator per `read()`: a whole number of records,
-/// below the kernel's seq_file buffer (`PAGE_SIZE << 3`, at least 32 KiB).
-/// `bpf_seq_read` stops filling once it holds what was asked, so with this
-/// size every record it starts fits, and the kernel never has to drop a
-/// record at the buffer's edge and run the program again for that thread
-/// (the programs undo their claim if it ever does).
-pub const ITER_READ_BYTES: usize =
-    (32 * 1024 - 1) / size_of::<TaskRecord>() * size_of::<TaskRecord>();
-
-const _: () = {
-    assert!(ITER_READ_BYTES.is_multiple_of(size_of::<TaskRecord>()));
-    assert!(ITER_READ_BYTES < 32 * 1024);
-    assert!(ITER_READ_BYTES + size_of::<TaskRecord>() >= 32 * 1024);
-};
-
-/// Runs a loaded task iterator once, appending its output to `out`. On an
-/// error part-way, what was read before it stays in `out`: the kernel has
-/// already moved its marks for those records.
-fn run_iter(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    out: &mut Vec<u8>,
-    read_bytes: usize,
-) -> Result<(), EbpfLoadError> {
+/// Runs a loaded task iterator once to its end (its programs write
+/// nothing, so the output is only drained).
+fn run_iter(ebpf: &mut Ebpf, name: &'static str) -> Result<(), EbpfLoadError> {
     let program = iter_program(ebpf, name)?;
     let link_id = program.attach().map_err(|source| EbpfLoadError::Program {
         program: name,
@@ -709,30 +728,36 @@ fn run_iter(
     let mut file = link
         .into_file()
         .map_err(|e| EbpfLoadError::Iterator(e.to_string()))?;
-    read_in_chunks(&mut file, out, read_bytes)
+    std::io::copy(&mut file, &mut std::io::sink())
+        .map(drop)
         .map_err(|e| EbpfLoadError::Iterator(format!("reading {name}: {e}")))
 }
 
-/// Reads `reader` to its end, `chunk` bytes per `read()`, appending to
-/// `out`; on an error, `out` keeps what was read before it.
-pub fn read_in_chunks(
-    reader: &mut impl std::io::Read,
-    out: &mut Vec<u8>,
-    chunk: usize,
-) -> std::io::Result<()> {
-    loop {
-        let start = out.len();
-        out.resize(start + chunk, 0);
-        let result = reader.read(&mut out[start..]);
-        let read = *result.as_ref().unwrap_or(&0);
-        out.truncate(start + read);
-        match result {
-            Ok(0) => return Ok(()),
-            Ok(_) => {}
-            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(error) => return Err(error),
-        }
+/// Maps the arrays the kernel programs share with the agent.
+fn map_shared(ebpf: &Ebpf, sizes: SharedSizes) -> Result<SharedMaps, EbpfLoadError> {
+    fn map<T: Copy + Default>(
+        ebpf: &Ebpf,
+        name: &'static str,
+        len: u32,
+    ) -> Result<SharedArray<T>, EbpfLoadError> {
+        let error = |message: String| EbpfLoadError::Map { map: name, message };
+        let data = match ebpf.map(name) {
+            Some(aya::maps::Map::Array(data)) => data,
+            Some(_) => return Err(error("not an array".into())),
+            None => return Err(error("missing from the object".into())),
+        };
+        SharedArray::map(data.fd().as_fd(), len as usize)
+            .map_err(|e| error(format!("mapping it into memory: {e}")))
     }
+    Ok(SharedMaps {
+        threads: map(ebpf, names::THREADS, sizes.slots)?,
+        free_ring: map(ebpf, names::FREE_SLOTS, sizes.free_ring)?,
+        ran_lists: map(ebpf, names::RAN_LISTS, sizes.ran_lists())?,
+        cpu_log: map(ebpf, names::CPU_LOG, sizes.cpus)?,
+        control: map(ebpf, names::CONTROL, 1)?,
+        running: map(ebpf, names::RUNNING, sizes.cpus)?,
+        ran_list_len: sizes.ran_list_len as usize,
+    })
 }
 
 /// Hands memory freed after loading back to the kernel, so the resident
@@ -766,118 +791,16 @@ fn raise_memlock_limit() {
 mod tests {
     use super::*;
 
-    fn record(tgid: u32, runtime: [u64; MAX_SOCKETS], in_progress: u64, cpu: u32) -> TaskRecord {
-        TaskRecord {
-            tgid,
-            tid: tgid,
-            process_start_ns: 42,
-            cgroup_id: 9,
-            comm: *b"burn\0\0\0\0\0\0\0\0\0\0\0\0",
-            in_progress_ns: in_progress,
-            cpu,
-            _pad: 0,
-            runtime_ns_by_socket: runtime,
-        }
-    }
-
-    fn as_bytes(records: &[TaskRecord]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for r in records {
-            // SAFETY: plain-old-data struct.
-            let bytes = unsafe {
-                std::slice::from_raw_parts(
-                    std::ptr::from_ref(r).cast::<u8>(),
-                    size_of::<TaskRecord>(),
-                )
-            };
-            out.extend_from_slice(bytes);
-        }
-        out
-    }
-
     #[test]
-    fn parses_records_and_ignores_a_partial_tail() {
-        let records = [
-            record(1, [5; MAX_SOCKETS], 0, 0),
-            record(2, [0; MAX_SOCKETS], 7, 1),
-        ];
-        let mut bytes = as_bytes(&records);
-        bytes.extend_from_slice(&[1, 2, 3]);
-        let parsed: Vec<TaskRecord> = parse_records(&bytes).collect();
-        assert_eq!(parsed, records);
-    }
-
-    #[test]
-    fn records_become_usage_keyed_by_process() {
-        let mut runtime = [0; MAX_SOCKETS];
-        runtime[1] = 100;
-        let usage = record_usage(&record(3, runtime, 50, 2), 100);
-        assert_eq!(usage.runtime_ns_by_socket, runtime);
-        assert_eq!(usage.comm.as_str(), "burn");
-        assert_eq!(
-            usage.key,
-            ProcessKey {
-                pid: 3,
-                start_ns: 0
-            },
-            "42 ns after boot is in the first clock tick"
-        );
-    }
-
-    /// Hands out `chunks` one per read, then fails with `error`.
-    struct ScriptedReader {
-        chunks: Vec<Vec<u8>>,
-        asked: Vec<usize>,
-        error: Option<std::io::ErrorKind>,
-    }
-
-    impl std::io::Read for ScriptedReader {
-        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            self.asked.push(buf.len());
-            if self.chunks.is_empty() {
-                return match self.error.take() {
-                    Some(kind) => Err(kind.into()),
-                    None => Ok(0),
-                };
-            }
-            let chunk = self.chunks.remove(0);
-            buf[..chunk.len()].copy_from_slice(&chunk);
-            Ok(chunk.len())
-        }
-    }
-
-    #[test]
-    fn reads_whole_records_below_the_kernel_buffer() {
-        let mut reader = ScriptedReader {
-            chunks: vec![vec![1; 240], vec![2; 120]],
-            asked: Vec::new(),
-            error: None,
-        };
-        let mut out = Vec::new();
-        read_in_chunks(&mut reader, &mut out, ITER_READ_BYTES).unwrap();
-        assert_eq!(out.len(), 360);
-        assert!(reader.asked.iter().all(|asked| *asked == ITER_READ_BYTES));
-    }
-
-    #[test]
-    fn a_read_that_fails_part_way_keeps_what_came_before() {
-        let mut reader = ScriptedReader {
-            chunks: vec![vec![1; 240]],
-            asked: Vec::new(),
-            error: Some(std::io::ErrorKind::Interrupted),
-        };
-        let mut out = Vec::new();
-        // Interrupted is retried, then the end arrives.
-        read_in_chunks(&mut reader, &mut out, 1024).unwrap();
-        assert_eq!(out.len(), 240);
-        let mut reader = ScriptedReader {
-            chunks: vec![vec![7; 240]],
-            asked: Vec::new(),
-            error: Some(std::io::ErrorKind::InvalidData),
-        };
-        let mut out = Vec::new();
-        assert!(read_in_chunks(&mut reader, &mut out, 1024).is_err());
-        assert_eq!(out, vec![7; 240], "what was read before the error stays");
+    fn shared_sizes_follow_the_slots_and_cpus() {
+        let sizes = SharedSizes::new(131_072, 2);
+        assert_eq!(sizes.free_ring, 131_072);
+        assert_eq!(sizes.ran_list_len, 65_536);
+        assert_eq!(sizes.ran_lists(), 2 * 2 * 65_536);
+        let big = SharedSizes::new(100_000, 256);
+        assert_eq!(big.free_ring, 131_072, "a power of two at least the slots");
+        assert_eq!(big.ran_list_len, 1024, "never under 1,024 per CPU");
+        assert_eq!(SharedSizes::new(0, 0).slots, 1);
     }
 
     #[test]

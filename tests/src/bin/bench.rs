@@ -196,6 +196,7 @@ fn bench_switch_path(seconds: u64) -> anyhow::Result<SwitchResult> {
             "/sys/kernel/btf/vmlinux".into(),
             "/proc".into(),
             agent_common::EXITED_MAP_CAPACITY,
+            agent_common::DEFAULT_THREAD_SLOTS,
         ),
         topology,
     )?;
@@ -289,7 +290,7 @@ fn user_system_ticks(pid: u32) -> anyhow::Result<(u64, u64)> {
 fn iterator_stats() -> anyhow::Result<(u64, u64)> {
     let mut total = (0, 0);
     for info in aya::programs::loaded_programs().flatten() {
-        if info.name_as_str() == Some(names::DUMP_TASKS) {
+        if info.name_as_str() == Some(names::READ_RUNNING) {
             total.0 += info.run_time().as_nanos() as u64;
             total.1 += info.run_count();
         }
