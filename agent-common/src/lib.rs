@@ -190,6 +190,15 @@ pub struct Control {
     pub _pad1: [u64; 5],
 }
 
+/// One CPU's loss counters (`LOSS_COUNTERS`, indexed by CPU and mapped
+/// by the agent), on lines of their own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LossCounts {
+    pub counts: [u64; LossCounter::COUNT as usize],
+    pub _pad: [u64; 16 - LossCounter::COUNT as usize],
+}
+
 /// What the running-thread reader found on one CPU (`RUNNING`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -321,6 +330,7 @@ mod pod {
     unsafe impl aya::Pod for super::CpuLog {}
     unsafe impl aya::Pod for super::Control {}
     unsafe impl aya::Pod for super::RunningThread {}
+    unsafe impl aya::Pod for super::LossCounts {}
     unsafe impl aya::Pod for super::ExitedKey {}
     unsafe impl aya::Pod for super::ExitedValue {}
     unsafe impl aya::Pod for super::CgroupCreated {}

@@ -61,15 +61,15 @@ use core::{
 
 use agent_common::{
     COMM_LEN, CgroupCreated, Control, CpuLog, EXITED_MAP_CAPACITY, ExitedKey, ExitedValue,
-    KernelOffsets, LossCounter, MAX_CPUS, MAX_SOCKETS, RunningThread, SLOT_EXITED, SLOT_LIVE,
-    TASK_DEAD, TaskRuntime, ThreadSlot,
+    KernelOffsets, LossCounter, LossCounts, MAX_CPUS, MAX_SOCKETS, RunningThread, SLOT_EXITED,
+    SLOT_LIVE, TASK_DEAD, TaskRuntime, ThreadSlot,
 };
 use aya_ebpf::{
     bindings::{
         BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_LOCAL_STORAGE_GET_F_CREATE, BPF_NOEXIST,
         bpf_map_type,
     },
-    btf_maps::{Array, HashMap, PerCpuArray, RingBuf},
+    btf_maps::{Array, HashMap, RingBuf},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         bpf_get_smp_processor_id, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
@@ -223,7 +223,7 @@ static RUNNING: Array<RunningThread, 1, MMAPABLE> = Array::new();
 static EXITED: HashMap<ExitedKey, ExitedValue, { EXITED_MAP_CAPACITY as usize }> = HashMap::new();
 
 #[btf_map]
-static LOSS_COUNTERS: PerCpuArray<u64, { LossCounter::COUNT as usize }> = PerCpuArray::new();
+static LOSS_COUNTERS: Array<LossCounts, 1, MMAPABLE> = Array::new();
 
 /// Cgroups as the kernel creates them (id, path): a container that lives
 /// less than one interval is gone before the agent's walk of the
@@ -268,11 +268,14 @@ fn sockets() -> usize {
 
 #[inline(always)]
 fn count_loss(counter: LossCounter, amount: u64) {
-    if let Some(slot) = LOSS_COUNTERS.get_ptr_mut(counter as u32) {
-        // Atomic even though the slot is this CPU's: the iterator runs
+    // SAFETY: a helper without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    if let Some(counts) = LOSS_COUNTERS.get_ptr_mut(cpu) {
+        // Atomic even though the entry is this CPU's: the iterator runs
         // preemptibly, so `sched_switch` can count on the same CPU in the
         // middle of its read-modify-write. Rare, so the cost does not matter.
-        atomic(slot).fetch_add(amount);
+        // SAFETY: the counter's index is below COUNT.
+        atomic(unsafe { &raw mut (*counts).counts[counter as usize] }).fetch_add(amount);
     }
 }
 

@@ -217,7 +217,7 @@ async fn list_processes(
     let mut selected: Vec<&ProcessView> = snapshot
         .processes
         .iter()
-        .filter(|p| workload_filter.is_none_or(|index| Some(p.workload) == index))
+        .filter(|p| workload_filter.is_none_or(|index| snapshot.workload_index(p) == index))
         .collect();
     selected.sort_unstable_by_key(|p| p.key);
     let total = selected.len();

@@ -156,6 +156,7 @@ pub struct Collector {
     started_at: SystemTime,
     last_read: Instant,
     read_errors: u64,
+    threads_read: u64,
     consecutive_errors: u32,
     losses: Vec<(&'static str, u64)>,
     procfs_root: PathBuf,
@@ -169,7 +170,13 @@ pub struct Collector {
     /// Each domain instance's energy since start (for device series).
     devices: Vec<DeviceEnergy>,
     programs: Vec<ProgramStats>,
+    retention: Duration,
+    last_retired: Option<Instant>,
 }
+
+/// How often expired processes and removed cgroups are forgotten (at most
+/// a tenth of the retention).
+const RETIRE_EVERY: Duration = Duration::from_secs(10);
 
 /// After this many failed reads in a row the eBPF source is replaced by
 /// the procfs fallback (the totals so far are kept).
@@ -199,6 +206,7 @@ impl Collector {
             started_at: SystemTime::now(),
             last_read: Instant::now(),
             read_errors: 0,
+            threads_read: 0,
             consecutive_errors: 0,
             losses: Vec::new(),
             procfs_root: config.procfs_root.clone(),
@@ -213,6 +221,8 @@ impl Collector {
             last_energy_read: Instant::now(),
             devices: Vec::new(),
             programs: Vec::new(),
+            retention: config.retention,
+            last_retired: None,
         }
     }
 
@@ -269,6 +279,7 @@ impl Collector {
                     self.losses = reading.losses.clone();
                 }
                 self.programs = reading.programs.clone();
+                self.threads_read += reading.threads_read;
                 (reading, wall)
             }
             Err(error) => {
@@ -328,12 +339,23 @@ impl Collector {
         let cpu_accounted = thread_cpu_us();
         let resolver = &self.resolver;
         self.accounting
-            .retire(now, &mut |id| resolver.still_exists(id));
-        let accounting = &self.accounting;
-        self.resolver
-            .forget_removed(|id| accounting.knows_cgroup(id));
+            .mark_gone_workloads(now, &mut |id| resolver.still_exists(id));
+        // Retention works in minutes: a pass over every process and cgroup
+        // every few seconds is enough, and keeps a quiet interval cheap.
+        let retire_every = RETIRE_EVERY.min(self.retention / 10);
+        if self
+            .last_retired
+            .is_none_or(|at| at.elapsed() >= retire_every)
+        {
+            self.last_retired = Some(Instant::now());
+            self.accounting.forget_expired(now);
+            let accounting = &self.accounting;
+            self.resolver
+                .forget_removed(|id| accounting.knows_cgroup(id));
+        }
         let cpu_retired = thread_cpu_us();
-        self.shared.publish(Snapshot::build(
+        let previous = self.shared.latest();
+        let snapshot = Snapshot::build_after(
             &self.accounting,
             SnapshotBase {
                 generated_at: now,
@@ -351,6 +373,7 @@ impl Collector {
                 },
                 sources: self.sources.clone(),
                 read_errors: self.read_errors,
+                threads_read: self.threads_read,
                 energy: EnergyView {
                     temperatures: self.last_energy.temperatures.clone(),
                     gpus: self.last_energy.gpus.clone(),
@@ -364,7 +387,11 @@ impl Collector {
                 agent: AgentUsage::measure(),
                 programs: self.programs.clone(),
             },
-        ));
+            Some(&previous),
+        );
+        drop(previous);
+        self.shared.publish(snapshot);
+        self.accounting.views_built();
         let cpu_done = thread_cpu_us();
         tracing::debug!(
             read_cpu_us = cpu_read - cpu_start,

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use rustc_hash::FxHashMap;
 
 use crate::{
-    accounting::{Accounting, DomainJoules, NodeEnergy},
+    accounting::{Accounting, DomainJoules, NodeEnergy, table::PROCESS_SHARDS},
     cgroup::Workload,
     cpu::{Comm, Method, ProcessKey, ProgramStats, SocketNs, total_ns},
     energy::{
@@ -29,8 +29,8 @@ pub struct ProcessView {
     pub key: ProcessKey,
     pub comm: Comm,
     pub cgroup_id: u64,
-    /// Index into `Snapshot::workloads`.
-    pub workload: usize,
+    /// The workload's slot (`Snapshot::workload_of` finds it).
+    pub workload_slot: usize,
     pub cpu_ns_by_socket: SocketNs,
     /// CPU time in the last interval (0 if it did not run).
     pub interval_ns: u64,
@@ -121,15 +121,19 @@ pub struct Snapshot {
     pub method: Method,
     /// CPU sockets of this machine.
     pub sockets: usize,
-    pub processes: Vec<ProcessView>,
+    pub processes: ProcessViews,
     pub workloads: Vec<WorkloadView>,
+    /// Index in `workloads` of each workload slot (`usize::MAX`: none).
+    workload_index_of_slot: Vec<usize>,
     /// Paths of the cgroups processes are in, by cgroup id.
-    pub cgroup_paths: FxHashMap<u64, Arc<str>>,
+    pub cgroup_paths: Arc<FxHashMap<u64, Arc<str>>>,
     pub node: NodeView,
     pub losses: Vec<(&'static str, u64)>,
     pub sources: Vec<SourceStatus>,
     /// Failed reads of the CPU source since start.
     pub read_errors: u64,
+    /// Threads the CPU source's reads looked at since start.
+    pub threads_read: u64,
     pub energy: EnergyView,
     pub agent: AgentUsage,
     pub programs: Vec<ProgramStats>,
@@ -153,13 +157,15 @@ impl Snapshot {
             interval,
             method,
             sockets: 1,
-            processes: Vec::new(),
+            processes: ProcessViews::default(),
             workloads: Vec::new(),
-            cgroup_paths: FxHashMap::default(),
+            workload_index_of_slot: Vec::new(),
+            cgroup_paths: Arc::default(),
             node: NodeView::default(),
             losses: Vec::new(),
             sources: Vec::new(),
             read_errors: 0,
+            threads_read: 0,
             energy: EnergyView::default(),
             agent: AgentUsage::default(),
             programs: Vec::new(),
@@ -171,13 +177,25 @@ impl Snapshot {
     /// number of processes, with no sorting or string comparison per process:
     /// readers sort what they show.
     pub fn build(accounting: &Accounting, base: SnapshotBase) -> Self {
+        Self::build_after(accounting, base, None)
+    }
+
+    /// `build`, sharing with `previous` (the snapshot built last) the views
+    /// of every shard of processes that did not change since: an interval
+    /// in which 1% of 10,000 processes ran copies a few hundred views, not
+    /// all 10,000.
+    pub fn build_after(
+        accounting: &Accounting,
+        base: SnapshotBase,
+        previous: Option<&Snapshot>,
+    ) -> Self {
         let seq = accounting.seq();
         let slots = accounting.workload_slots();
-        let mut index_of_slot = vec![usize::MAX; slots.len()];
+        let mut workload_index_of_slot = vec![usize::MAX; slots.len()];
         let mut workloads = Vec::with_capacity(slots.len());
         for (slot, entry) in slots.iter().enumerate() {
             let Some(w) = entry else { continue };
-            index_of_slot[slot] = workloads.len();
+            workload_index_of_slot[slot] = workloads.len();
             workloads.push(WorkloadView {
                 key: Arc::clone(&w.key),
                 workload: Arc::clone(&w.workload),
@@ -192,23 +210,37 @@ impl Snapshot {
                 live_processes: w.live_processes,
             });
         }
-        let processes: Vec<ProcessView> = accounting
+        let reusable = previous
+            .map(|p| &p.processes.shards)
+            .filter(|shards| shards.len() == PROCESS_SHARDS);
+        let shards: Vec<Arc<[ProcessView]>> = accounting
             .processes()
-            .iter()
-            .map(|(key, p)| ProcessView {
-                key: *key,
-                comm: p.comm,
-                cgroup_id: p.cgroup_id,
-                workload: index_of_slot.get(p.workload).copied().unwrap_or(usize::MAX),
-                cpu_ns_by_socket: p.cpu_ns_by_socket,
-                interval_ns: current(p.interval_seq, seq, p.interval_ns),
-                energy_joules: p.energy.joules,
-                interval_energy_joules: p.energy.interval(seq),
-                first_seen: p.first_seen,
-                last_seen: p.last_seen,
-                exited: p.exited_at.is_some(),
+            .shards()
+            .enumerate()
+            .map(|(index, (shard, changed))| match reusable {
+                Some(old) if !changed => Arc::clone(&old[index]),
+                _ => shard
+                    .iter()
+                    .map(|(key, p)| ProcessView {
+                        key: *key,
+                        comm: p.comm,
+                        cgroup_id: p.cgroup_id,
+                        workload_slot: p.workload,
+                        cpu_ns_by_socket: p.cpu_ns_by_socket,
+                        interval_ns: current(p.interval_seq, seq, p.interval_ns),
+                        energy_joules: p.energy.joules,
+                        interval_energy_joules: p.energy.interval(seq),
+                        first_seen: p.first_seen,
+                        last_seen: p.last_seen,
+                        exited: p.exited_at.is_some(),
+                    })
+                    .collect(),
             })
             .collect();
+        let processes = ProcessViews {
+            len: shards.iter().map(|shard| shard.len()).sum(),
+            shards,
+        };
         let node = accounting.node();
         Self {
             sequence: seq,
@@ -219,10 +251,19 @@ impl Snapshot {
             sockets: base.sockets,
             processes,
             workloads,
-            cgroup_paths: accounting
-                .cgroup_paths()
-                .map(|(id, path)| (id, Arc::clone(path)))
-                .collect(),
+            workload_index_of_slot,
+            // Shared with the previous snapshot unless a cgroup came or went.
+            cgroup_paths: match previous {
+                Some(previous) if !accounting.cgroups_changed() => {
+                    Arc::clone(&previous.cgroup_paths)
+                }
+                _ => Arc::new(
+                    accounting
+                        .cgroup_paths()
+                        .map(|(id, path)| (id, Arc::clone(path)))
+                        .collect(),
+                ),
+            },
             node: NodeView {
                 busy_ns_by_cpu: node.busy_ns_by_cpu.clone(),
                 idle_ns_by_cpu: node.idle_ns_by_cpu.clone(),
@@ -232,6 +273,7 @@ impl Snapshot {
             losses: base.losses,
             sources: base.sources,
             read_errors: base.read_errors,
+            threads_read: base.threads_read,
             energy: EnergyView {
                 node: accounting.node_energy().clone(),
                 ..base.energy
@@ -242,10 +284,60 @@ impl Snapshot {
         }
     }
 
+    /// Tests that write `workloads` by hand: slot N is the Nth workload.
+    #[cfg(test)]
+    pub fn slots_are_positions(&mut self) {
+        self.workload_index_of_slot = (0..self.workloads.len()).collect();
+    }
+
+    /// The workload `process` belongs to.
+    pub fn workload_of(&self, process: &ProcessView) -> Option<&WorkloadView> {
+        self.workloads.get(self.workload_index(process)?)
+    }
+
+    /// The index in `workloads` of `process`'s workload.
+    pub fn workload_index(&self, process: &ProcessView) -> Option<usize> {
+        self.workload_index_of_slot
+            .get(process.workload_slot)
+            .copied()
+            .filter(|index| *index != usize::MAX)
+    }
+
     pub fn containers(&self) -> impl Iterator<Item = &WorkloadView> {
         self.workloads
             .iter()
             .filter(|w| matches!(*w.workload, Workload::Container { .. }))
+    }
+}
+
+/// The processes of a snapshot, in the shards of the accounting's table
+/// (shared between snapshots while unchanged).
+#[derive(Clone, Debug, Default)]
+pub struct ProcessViews {
+    shards: Vec<Arc<[ProcessView]>>,
+    len: usize,
+}
+
+impl ProcessViews {
+    pub fn iter(&self) -> impl Iterator<Item = &ProcessView> {
+        self.shards.iter().flat_map(|shard| shard.iter())
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl From<Vec<ProcessView>> for ProcessViews {
+    fn from(views: Vec<ProcessView>) -> Self {
+        Self {
+            len: views.len(),
+            shards: vec![views.into()],
+        }
     }
 }
 
@@ -259,6 +351,7 @@ pub struct SnapshotBase {
     pub losses: Vec<(&'static str, u64)>,
     pub sources: Vec<SourceStatus>,
     pub read_errors: u64,
+    pub threads_read: u64,
     /// Temperatures, GPUs, source health and model state of the interval
     /// (the node's books come from the accounting).
     pub energy: EnergyView,

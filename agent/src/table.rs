@@ -146,8 +146,7 @@ pub fn render(snapshot: &Snapshot, rows: usize) -> String {
     );
     for process in processes.iter().take(rows) {
         let workload = snapshot
-            .workloads
-            .get(process.workload)
+            .workload_of(process)
             .map_or_else(|| "host".to_owned(), short_name);
         let _ = writeln!(
             out,

@@ -729,3 +729,124 @@ fn api_errors_are_json_with_the_right_status() {
     assert_eq!(status, 200);
     assert!(list.is_array());
 }
+
+/// The agent's cumulative CPU seconds of `pid` (in the container's list),
+/// and the snapshot it came from.
+fn agent_cpu_seconds(agent: &Agent, container_id: &str, pid: u32) -> (f64, u64) {
+    let (status, list) = agent.get(&format!("/api/v1/processes?container={container_id}"));
+    if status == 404 {
+        // Not seen yet.
+        return (0.0, agent.sequence());
+    }
+    assert_eq!(status, 200, "{list}");
+    let seconds = list
+        .as_array()
+        .expect("list")
+        .iter()
+        .find(|p| p["pid"].as_u64() == Some(u64::from(pid)))
+        .and_then(|p| p["cpu_seconds"].as_f64())
+        .unwrap_or(0.0);
+    (seconds, agent.sequence())
+}
+
+#[test]
+fn a_thread_that_slept_for_many_intervals_then_ran_once_is_counted_exactly() {
+    if !require_root() {
+        return;
+    }
+    let agent = Agent::start(&["--method", "ebpf"]);
+    let container_id = random_hex(64);
+    let cgroup = TestCgroup::create(&format!("system.slice/docker-{container_id}.scope"));
+    // Burns 0.3 s, sleeps 5 s (20 intervals of 250 ms), burns 0.4 s once.
+    let mut process = spawn_in(
+        Some(&cgroup),
+        &workload_binary(),
+        &["wake-once", "0.3", "5", "0.4"],
+    );
+    assert_eq!(process.first_line(), "slept");
+    agent.wait_intervals(2);
+    let (before, _) = agent_cpu_seconds(&agent, &container_id, process.pid());
+    let kernel_before = schedstat_ns(process.pid()) as f64 / 1e9;
+    // Asleep: nothing may be added, interval after interval.
+    let start = agent.sequence();
+    while agent.sequence() < start + 8 {
+        agent.wait_intervals(1);
+        let (now, _) = agent_cpu_seconds(&agent, &container_id, process.pid());
+        assert!(
+            (now - before).abs() < 1e-9,
+            "asleep, yet {before:.6} s became {now:.6} s"
+        );
+    }
+    assert_eq!(process.first_line(), "ran again");
+    agent.wait_intervals(2);
+    let (after, _) = agent_cpu_seconds(&agent, &container_id, process.pid());
+    let kernel_after = schedstat_ns(process.pid()) as f64 / 1e9;
+    let ours = after - before;
+    let kernel = kernel_after - kernel_before;
+    eprintln!(
+        "one slice after 20 intervals asleep: powerlens {ours:.6} s, schedstat {kernel:.6} s; totals {after:.6} s vs {kernel_after:.6} s"
+    );
+    assert!(
+        relative_error(ours, kernel) < 0.01,
+        "the slice: powerlens {ours:.6} s vs schedstat {kernel:.6} s"
+    );
+    assert!(
+        relative_error(after, kernel_after) < 0.01,
+        "the total: powerlens {after:.6} s vs schedstat {kernel_after:.6} s"
+    );
+}
+
+#[test]
+fn a_thread_that_never_switches_out_is_counted_in_every_interval() {
+    if !require_root() {
+        return;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    if cpus < 2 {
+        eprintln!("skipping: needs a second CPU to hold a real-time burner");
+        return;
+    }
+    let agent = Agent::start(&["--method", "ebpf"]);
+    let container_id = random_hex(64);
+    let cgroup = TestCgroup::create(&format!("system.slice/docker-{container_id}.scope"));
+    // A real-time thread pinned to the last CPU: no normal task preempts it,
+    // so it runs its 0.8 s (under the kernel's 0.95 s real-time budget per
+    // second) without a single switch out.
+    let mut process = spawn_in(
+        Some(&cgroup),
+        &workload_binary(),
+        &["fifo-burn", &(cpus - 1).to_string(), "0.8"],
+    );
+    assert_eq!(process.first_line(), "ready");
+    let mut seen: Vec<(u64, f64)> = Vec::new();
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(1_000) {
+        let (seconds, sequence) = agent_cpu_seconds(&agent, &container_id, process.pid());
+        if seen.last().is_none_or(|(last, _)| *last != sequence) {
+            seen.push((sequence, seconds));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let switches = process.first_line();
+    assert_eq!(
+        switches, "switches during the burn: 0",
+        "the burner must not have switched out"
+    );
+    // Intervals that ended while it burned: each must have added to it.
+    let grew = seen
+        .windows(2)
+        .filter(|pair| pair[1].1 > pair[0].1 + 0.1)
+        .count();
+    eprintln!("snapshots during the burn (sequence, cpu s): {seen:?}; grew in {grew}");
+    assert!(
+        grew >= 2,
+        "a thread that never switched out must grow in each interval: {seen:?}"
+    );
+    agent.wait_intervals(2);
+    let (total, _) = agent_cpu_seconds(&agent, &container_id, process.pid());
+    let kernel = schedstat_ns(process.pid()) as f64 / 1e9;
+    assert!(
+        relative_error(total, kernel) < 0.01,
+        "total: powerlens {total:.6} s vs schedstat {kernel:.6} s"
+    );
+}

@@ -31,6 +31,7 @@ impl Accounting {
                     if resolved.path.is_some() {
                         self.cgroup_slots
                             .insert(usage.cgroup_id, (slot, resolved.path.clone()));
+                        self.cgroups_changed = true;
                     }
                     (slot, resolved.path)
                 }
@@ -53,7 +54,13 @@ impl Accounting {
             // A workload that runs again (a restarted unit, a reused cgroup
             // name) is alive again.
             workload_entry.exited_at = None;
-            if path.is_some() && workload_entry.cgroup_path != path {
+            // Most often the very same string: compare pointers first.
+            let same_path = match (&workload_entry.cgroup_path, &path) {
+                (Some(ours), Some(new)) => Arc::ptr_eq(ours, new) || ours == new,
+                (_, None) => true,
+                (None, Some(_)) => false,
+            };
+            if !same_path {
                 workload_entry.cgroup_path.clone_from(&path);
             }
             if !workload_entry.cgroup_ids.contains(&usage.cgroup_id) {
@@ -62,7 +69,7 @@ impl Accounting {
 
             let mut moved_from = None;
             let mut is_new = false;
-            let process = self.processes.entry(usage.key).or_insert_with(|| {
+            let process = self.processes.get_or_insert_with(usage.key, || {
                 is_new = true;
                 ProcessEntry {
                     comm: usage.comm,

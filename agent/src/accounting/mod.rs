@@ -8,6 +8,7 @@
 //! - [`energy`]: each domain's energy split between the active processes.
 //! - [`retention`]: exited workloads, and forgetting what is old.
 //! - [`slots`]: the workload slot allocator.
+//! - [`table`]: the process table, in shards that know whether they changed.
 
 use std::{
     sync::Arc,
@@ -16,6 +17,7 @@ use std::{
 
 use rustc_hash::FxHashMap;
 
+pub use self::table::ProcessTable;
 use crate::{
     cgroup::Workload,
     cpu::{Comm, CpuReading, ProcessKey, SocketNs},
@@ -157,7 +159,7 @@ pub struct NodeCpu {
 }
 
 pub struct Accounting {
-    processes: FxHashMap<ProcessKey, ProcessEntry>,
+    processes: ProcessTable,
     /// Workloads in stable slots, so a process refers to its workload by
     /// index; freed slots (`None`) are reused.
     workload_slots: Vec<Option<WorkloadEntry>>,
@@ -165,6 +167,8 @@ pub struct Accounting {
     free_slots: Vec<usize>,
     /// Workload slot of each cgroup id seen.
     cgroup_slots: FxHashMap<u64, (usize, Option<Arc<str>>)>,
+    /// `cgroup_slots` changed since the last snapshot was built.
+    cgroups_changed: bool,
     node: NodeCpu,
     node_energy: NodeEnergy,
     baselines: FxHashMap<DomainId, IdleBaseline>,
@@ -195,11 +199,12 @@ impl Accounting {
 
     pub fn with_limits(retention: Duration, max_exited_processes: usize) -> Self {
         Self {
-            processes: FxHashMap::default(),
+            processes: ProcessTable::default(),
             workload_slots: Vec::new(),
             workload_index: FxHashMap::default(),
             free_slots: Vec::new(),
             cgroup_slots: FxHashMap::default(),
+            cgroups_changed: true,
             node: NodeCpu::default(),
             node_energy: NodeEnergy::default(),
             baselines: FxHashMap::default(),
@@ -229,8 +234,20 @@ impl Accounting {
         self.seq
     }
 
-    pub fn processes(&self) -> &FxHashMap<ProcessKey, ProcessEntry> {
+    pub fn processes(&self) -> &ProcessTable {
         &self.processes
+    }
+
+    /// A snapshot was built: what it rebuilt is unchanged from now on.
+    pub fn views_built(&mut self) {
+        self.processes.views_built();
+        self.cgroups_changed = false;
+    }
+
+    /// Whether a cgroup's path was learnt or forgotten since the last
+    /// snapshot was built.
+    pub fn cgroups_changed(&self) -> bool {
+        self.cgroups_changed
     }
 
     /// Workload slots; a process's `workload` indexes this.
@@ -297,5 +314,6 @@ mod cpu;
 mod energy;
 mod retention;
 mod slots;
+pub mod table;
 #[cfg(test)]
 mod tests;

@@ -4,12 +4,24 @@
 use std::time::SystemTime;
 
 use super::Accounting;
-use crate::cgroup::Workload;
+use crate::{cgroup::Workload, cpu::ProcessKey};
 
 impl Accounting {
     /// Marks workloads whose cgroups are gone and that have no live process
     /// as exited, and forgets what exited longer than the retention ago.
     pub fn retire(&mut self, now: SystemTime, cgroup_exists: &mut dyn FnMut(u64) -> bool) {
+        self.mark_gone_workloads(now, cgroup_exists);
+        self.forget_expired(now);
+    }
+
+    /// Marks workloads whose cgroups are gone and that have no live process
+    /// as exited (each checked at most every few seconds). Linear in the
+    /// workloads: cheap enough for every interval.
+    pub fn mark_gone_workloads(
+        &mut self,
+        now: SystemTime,
+        cgroup_exists: &mut dyn FnMut(u64) -> bool,
+    ) {
         for entry in self.workload_slots.iter_mut().flatten() {
             if entry.exited_at.is_some()
                 || entry.live_processes > 0
@@ -48,12 +60,28 @@ impl Accounting {
         }
         for id in forgotten_ids {
             self.cgroup_slots.remove(&id);
+            self.cgroups_changed = true;
         }
+    }
+
+    /// Forgets processes and workloads that exited longer than the
+    /// retention ago, and exited processes past the bound. Linear in the
+    /// processes: the collector runs it every few seconds, not every
+    /// interval (retention is minutes).
+    pub fn forget_expired(&mut self, now: SystemTime) {
         let retention = self.retention;
         let expired = |exited_at: Option<SystemTime>| {
             exited_at.is_some_and(|at| now.duration_since(at).unwrap_or_default() > retention)
         };
-        self.processes.retain(|_, p| !expired(p.exited_at));
+        let expired_keys: Vec<ProcessKey> = self
+            .processes
+            .iter()
+            .filter(|(_, p)| expired(p.exited_at))
+            .map(|(key, _)| *key)
+            .collect();
+        for key in expired_keys {
+            self.processes.remove(&key);
+        }
         self.evict_exited_processes_over_the_bound();
         for slot in 0..self.workload_slots.len() {
             if self.workload_slots[slot]
@@ -64,8 +92,10 @@ impl Accounting {
             }
         }
         let slots = &self.workload_slots;
+        let before = self.cgroup_slots.len();
         self.cgroup_slots
             .retain(|_, (slot, _)| slots[*slot].is_some());
+        self.cgroups_changed |= self.cgroup_slots.len() != before;
     }
 
     /// Forgets the oldest exited processes while more than the bound are

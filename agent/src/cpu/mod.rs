@@ -127,6 +127,8 @@ pub struct CpuReading {
     /// Cgroups created since the previous read, as the kernel named them:
     /// (id, path from the hierarchy's root, uid of their creator).
     pub cgroups_created: Vec<(u64, String, u32)>,
+    /// Threads whose figures this read looked at (eBPF: slots visited).
+    pub threads_read: u64,
 }
 
 /// A kernel program's cumulative run time and calls, as the kernel counts

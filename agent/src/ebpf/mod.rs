@@ -11,12 +11,12 @@ pub mod threads;
 use std::{collections::HashSet, os::fd::AsFd as _, path::PathBuf};
 
 use agent_common::{
-    CgroupCreated, ExitedKey, ExitedValue, KernelOffsets, LossCounter, MAX_SOCKETS,
+    CgroupCreated, ExitedKey, ExitedValue, KernelOffsets, LossCounter, LossCounts, MAX_SOCKETS,
     names::{self, GLOBAL_CPU_TO_SOCKET, GLOBAL_OFFSETS},
 };
 use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray},
+    maps::{HashMap as BpfHashMap, MapData},
     programs::{
         BtfTracePoint, Iter, ProgramError, RawTracePoint, RawTracePointRunOptions, TestRun as _,
     },
@@ -213,6 +213,7 @@ pub struct EbpfCpuSource {
     ebpf: Ebpf,
     cgroup_events: Option<aya::maps::RingBuf<MapData>>,
     slots: SlotReader,
+    loss_counts: SharedArray<LossCounts>,
     procfs_root: PathBuf,
     exited: FxHashMap<ExitedKey, ExitedTrack>,
     last_busy_ns: Vec<u64>,
@@ -321,8 +322,10 @@ impl EbpfCpuSource {
             .map_max_entries(names::CPU_LOG, sizes.cpus)
             .map_max_entries(names::RUNNING, sizes.cpus)
             .map_max_entries(names::CONTROL, 1)
+            .map_max_entries(names::LOSS_COUNTERS, sizes.cpus)
             .load(KERNEL_OBJECT)?;
         let shared = map_shared(&ebpf, sizes)?;
+        let loss_counts = map_array(&ebpf, names::LOSS_COUNTERS, sizes.cpus)?;
 
         // 1. Baseline: past run time of existing threads is not ours to report.
         load_iter(&mut ebpf, names::BASELINE_TASKS, &aya_btf)?;
@@ -387,6 +390,7 @@ impl EbpfCpuSource {
             ebpf,
             cgroup_events,
             slots,
+            loss_counts,
             procfs_root: options.procfs_root.clone(),
             exited: FxHashMap::default(),
             // The kernel's busy counters start at zero when sched_switch is
@@ -402,18 +406,6 @@ impl EbpfCpuSource {
     /// The loaded object, for benchmarks that attach the empty baseline.
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
-    }
-
-    /// A per-CPU array of u64 counters of the object, by name.
-    fn per_cpu_counters(
-        &self,
-        name: &'static str,
-    ) -> Result<PerCpuArray<&MapData, u64>, CpuSourceError> {
-        let map = self.ebpf.map(name).ok_or(CpuSourceError::Map {
-            map: name,
-            message: "missing from the object".into(),
-        })?;
-        PerCpuArray::try_from(map).map_err(|e| map_error(name, e))
     }
 
     /// The switch path's and the reader's run-time statistics (one
@@ -432,16 +424,25 @@ impl EbpfCpuSource {
             .collect()
     }
 
-    fn read_losses(&self) -> Result<Vec<(&'static str, u64)>, CpuSourceError> {
-        let counters = self.per_cpu_counters(names::LOSS_COUNTERS)?;
-        let mut losses = Vec::with_capacity(LossCounter::ALL.len());
-        for counter in LossCounter::ALL {
-            let values = counters
-                .get(&(counter as u32), 0)
-                .map_err(|e| map_error(names::LOSS_COUNTERS, e))?;
-            losses.push((counter.name(), values.iter().sum()));
-        }
-        Ok(losses)
+    /// The kernel's loss counters, summed over CPUs (read from memory).
+    fn read_losses(&self) -> Vec<(&'static str, u64)> {
+        LossCounter::ALL
+            .into_iter()
+            .map(|counter| {
+                let total = (0..self.loss_counts.len())
+                    .filter_map(|cpu| self.loss_counts.at(cpu))
+                    // SAFETY: an aligned u64 of a CPU's entry, which the
+                    // kernel only adds to atomically.
+                    .map(|counts| unsafe {
+                        std::sync::atomic::AtomicU64::from_ptr(
+                            &raw mut (*counts).counts[counter as usize],
+                        )
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                    })
+                    .sum();
+                (counter.name(), total)
+            })
+            .collect()
     }
 
     /// Reads `EXITED`: reports what grew since the last read, confirms
@@ -565,19 +566,22 @@ impl CpuTimeSource for EbpfCpuSource {
                 })
         });
         reading.errors.extend(slots.errors);
-        for usage in slots.usage {
-            match self.live.insert(usage.key.pid, usage.key.start_ns) {
+        reading.threads_read = slots.visited as u64;
+        // A PID is checked for reuse when a thread of it is first seen, not
+        // at every report.
+        for process in slots.threads_new {
+            match self.live.insert(process.pid, process.start_ns) {
                 // The PID was reused: the old process is gone.
-                Some(old_start) if old_start != usage.key.start_ns => {
+                Some(old_start) if old_start != process.start_ns => {
                     reading.exited.push(ProcessKey {
-                        pid: usage.key.pid,
+                        pid: process.pid,
                         start_ns: old_start,
                     });
                 }
                 _ => {}
             }
-            reading.usage.push(usage);
         }
+        reading.usage = slots.usage;
         // A thread ended: is it the whole process?
         for process in slots.threads_ended {
             let alive = procinfo::process_alive(
@@ -608,10 +612,7 @@ impl CpuTimeSource for EbpfCpuSource {
         );
         self.last_busy_ns = slots.busy_ns_by_cpu;
         self.last_in_progress_ns = slots.in_progress_by_cpu;
-        match self.read_losses() {
-            Ok(losses) => reading.losses = losses,
-            Err(error) => reading.errors.push(error.to_string()),
-        }
+        reading.losses = self.read_losses();
         reading.programs = self.program_stats();
         if let Some(ring) = &mut self.cgroup_events {
             while let Some(item) = ring.next() {
@@ -733,29 +734,31 @@ fn run_iter(ebpf: &mut Ebpf, name: &'static str) -> Result<(), EbpfLoadError> {
         .map_err(|e| EbpfLoadError::Iterator(format!("reading {name}: {e}")))
 }
 
+/// The first `len` elements of the object's mmapable array `name`.
+fn map_array<T: Copy + Default>(
+    ebpf: &Ebpf,
+    name: &'static str,
+    len: u32,
+) -> Result<SharedArray<T>, EbpfLoadError> {
+    let error = |message: String| EbpfLoadError::Map { map: name, message };
+    let data = match ebpf.map(name) {
+        Some(aya::maps::Map::Array(data)) => data,
+        Some(_) => return Err(error("not an array".into())),
+        None => return Err(error("missing from the object".into())),
+    };
+    SharedArray::map(data.fd().as_fd(), len as usize)
+        .map_err(|e| error(format!("mapping it into memory: {e}")))
+}
+
 /// Maps the arrays the kernel programs share with the agent.
 fn map_shared(ebpf: &Ebpf, sizes: SharedSizes) -> Result<SharedMaps, EbpfLoadError> {
-    fn map<T: Copy + Default>(
-        ebpf: &Ebpf,
-        name: &'static str,
-        len: u32,
-    ) -> Result<SharedArray<T>, EbpfLoadError> {
-        let error = |message: String| EbpfLoadError::Map { map: name, message };
-        let data = match ebpf.map(name) {
-            Some(aya::maps::Map::Array(data)) => data,
-            Some(_) => return Err(error("not an array".into())),
-            None => return Err(error("missing from the object".into())),
-        };
-        SharedArray::map(data.fd().as_fd(), len as usize)
-            .map_err(|e| error(format!("mapping it into memory: {e}")))
-    }
     Ok(SharedMaps {
-        threads: map(ebpf, names::THREADS, sizes.slots)?,
-        free_ring: map(ebpf, names::FREE_SLOTS, sizes.free_ring)?,
-        ran_lists: map(ebpf, names::RAN_LISTS, sizes.ran_lists())?,
-        cpu_log: map(ebpf, names::CPU_LOG, sizes.cpus)?,
-        control: map(ebpf, names::CONTROL, 1)?,
-        running: map(ebpf, names::RUNNING, sizes.cpus)?,
+        threads: map_array(ebpf, names::THREADS, sizes.slots)?,
+        free_ring: map_array(ebpf, names::FREE_SLOTS, sizes.free_ring)?,
+        ran_lists: map_array(ebpf, names::RAN_LISTS, sizes.ran_lists())?,
+        cpu_log: map_array(ebpf, names::CPU_LOG, sizes.cpus)?,
+        control: map_array(ebpf, names::CONTROL, 1)?,
+        running: map_array(ebpf, names::RUNNING, sizes.cpus)?,
         ran_list_len: sizes.ran_list_len as usize,
     })
 }

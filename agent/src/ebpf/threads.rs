@@ -21,7 +21,7 @@
 
 use std::{
     io,
-    os::fd::{AsRawFd as _, BorrowedFd},
+    os::fd::BorrowedFd,
     ptr::NonNull,
     sync::atomic::{AtomicU32, AtomicU64, Ordering},
 };
@@ -34,21 +34,35 @@ use crate::cpu::{Comm, ProcessKey, ProcessUsage};
 
 /// An array of `T` shared with the kernel: a BPF array map created with
 /// `BPF_F_MMAPABLE` and mapped here, or (in tests) memory of our own.
+///
+/// The map is mapped in chunks as they are first used: the kernel puts
+/// every page of a mapping in place at once, so mapping all 19 MiB of
+/// `THREADS` would count them all in the agent's resident size although it
+/// reads only the slots in use (which the kernel keeps at the front).
 pub struct SharedArray<T> {
     base: NonNull<T>,
     len: usize,
-    /// Bytes to unmap when dropped (0: not a mapping of ours).
-    mapped_bytes: usize,
+    /// The map's file descriptor (a duplicate of aya's), for chunks mapped
+    /// later; none for memory of our own.
+    map: Option<std::os::fd::OwnedFd>,
+    /// Bytes reserved at `base` (unmapped when dropped; 0 if not ours).
+    reserved_bytes: usize,
+    /// Whether each chunk of `CHUNK_BYTES` is mapped yet.
+    mapped: Vec<std::cell::Cell<bool>>,
     /// Our own memory (tests), kept alive here.
     _owned: Option<Box<[T]>>,
 }
 
+/// Bytes mapped at a time: 16 pages.
+const CHUNK_BYTES: usize = 64 * 1024;
+
 // SAFETY: the memory is shared with the kernel, which synchronises with
-// atomics; the agent accesses it from one thread at a time (&mut self).
+// atomics; the agent uses an array from one thread at a time.
 unsafe impl<T: Send> Send for SharedArray<T> {}
 
 impl<T: Copy + Default> SharedArray<T> {
-    /// Maps the first `len` elements of the array map behind `fd`.
+    /// Reserves room for `len` elements of the array map behind `fd`; the
+    /// map's pages are mapped into it as they are used.
     pub fn map(fd: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
         assert!(
             size_of::<T>().is_multiple_of(8),
@@ -56,28 +70,37 @@ impl<T: Copy + Default> SharedArray<T> {
         );
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        assert!(CHUNK_BYTES.is_multiple_of(page), "chunks are whole pages");
         let bytes = (len * size_of::<T>()).div_ceil(page).max(1) * page;
-        // SAFETY: a fresh shared mapping of the map's memory; the kernel
-        // checks the size against the map's.
+        // SAFETY: a fresh reservation of address space, inaccessible until
+        // chunks of the map are mapped over it.
         let address = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
                 0,
             )
         };
         if address == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(Self {
+        let array = Self {
             base: NonNull::new(address.cast()).expect("mmap returned null"),
             len,
-            mapped_bytes: bytes,
+            map: Some(fd.try_clone_to_owned()?),
+            reserved_bytes: bytes,
+            mapped: (0..bytes.div_ceil(CHUNK_BYTES))
+                .map(|_| std::cell::Cell::new(false))
+                .collect(),
             _owned: None,
-        })
+        };
+        // The first chunk now, so that a map the kernel refuses to map fails
+        // here, with its name, rather than at the first read.
+        array.map_chunk(0)?;
+        Ok(array)
     }
 
     /// `len` zeroed elements of our own memory, standing in for the kernel's.
@@ -86,7 +109,9 @@ impl<T: Copy + Default> SharedArray<T> {
         Self {
             base: NonNull::new(owned.as_mut_ptr()).expect("boxed slice"),
             len,
-            mapped_bytes: 0,
+            map: None,
+            reserved_bytes: 0,
+            mapped: Vec::new(),
             _owned: Some(owned),
         }
     }
@@ -98,7 +123,9 @@ impl<T: Copy + Default> SharedArray<T> {
         Self {
             base: self.base,
             len: self.len,
-            mapped_bytes: 0,
+            map: None,
+            reserved_bytes: 0,
+            mapped: Vec::new(),
             _owned: None,
         }
     }
@@ -113,18 +140,61 @@ impl<T> SharedArray<T> {
         self.len == 0
     }
 
-    /// The element at `index`, if in bounds.
+    /// The element at `index`, if in bounds (and its pages could be
+    /// mapped).
     pub fn at(&self, index: usize) -> Option<*mut T> {
-        // SAFETY: in bounds of the mapping.
-        (index < self.len).then(|| unsafe { self.base.as_ptr().add(index) })
+        if index >= self.len {
+            return None;
+        }
+        if self.map.is_some() {
+            let first = index * size_of::<T>() / CHUNK_BYTES;
+            let last = ((index + 1) * size_of::<T>() - 1) / CHUNK_BYTES;
+            for chunk in first..=last {
+                if !self.mapped[chunk].get()
+                    && let Err(error) = self.map_chunk(chunk)
+                {
+                    tracing::warn!("mapping a chunk of a shared array: {error}");
+                    return None;
+                }
+            }
+        }
+        // SAFETY: in bounds of the reservation, and mapped.
+        Some(unsafe { self.base.as_ptr().add(index) })
+    }
+
+    /// Maps chunk `chunk` of the map over its place in the reservation.
+    fn map_chunk(&self, chunk: usize) -> io::Result<()> {
+        let Some(map) = &self.map else {
+            return Ok(());
+        };
+        let offset = chunk * CHUNK_BYTES;
+        let bytes = CHUNK_BYTES.min(self.reserved_bytes - offset);
+        // SAFETY: replaces part of our own reservation (MAP_FIXED) with the
+        // same range of the map's memory.
+        let address = unsafe {
+            libc::mmap(
+                self.base.as_ptr().cast::<u8>().add(offset).cast(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                std::os::fd::AsRawFd::as_raw_fd(map),
+                offset as libc::off_t,
+            )
+        };
+        if address == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        self.mapped[chunk].set(true);
+        Ok(())
     }
 }
 
 impl<T> Drop for SharedArray<T> {
     fn drop(&mut self) {
-        if self.mapped_bytes > 0 {
-            // SAFETY: the mapping made in `map`, not used after this.
-            unsafe { libc::munmap(self.base.as_ptr().cast(), self.mapped_bytes) };
+        if self.reserved_bytes > 0 {
+            // SAFETY: the reservation made in `map` (and the chunks mapped
+            // over it), not used after this.
+            unsafe { libc::munmap(self.base.as_ptr().cast(), self.reserved_bytes) };
         }
     }
 }
@@ -160,6 +230,8 @@ pub struct SlotsReading {
     pub usage: Vec<ProcessUsage>,
     /// Processes one of whose threads ended (each once per read).
     pub threads_ended: Vec<ProcessKey>,
+    /// Processes of threads reported for the first time (new slots).
+    pub threads_new: Vec<ProcessKey>,
     /// Run time of the slice in progress on each CPU.
     pub in_progress_by_cpu: Vec<u64>,
     /// Busy time each CPU's switches charged so far (the kernel's counter).
@@ -395,6 +467,7 @@ impl SlotReader {
         out: &mut SlotsReading,
     ) {
         let reported = &mut self.reported[index * self.sockets..(index + 1) * self.sockets];
+        let first = reported.iter().all(|figure| *figure == 0);
         let mut delta = [0u64; MAX_SOCKETS];
         let mut grew = false;
         for ((delta, reported), total) in delta.iter_mut().zip(reported.iter_mut()).zip(totals) {
@@ -415,8 +488,12 @@ impl SlotReader {
                 u64_at(&raw mut (*slot).cgroup_id).load(Ordering::Relaxed),
             )
         };
+        let key = self.process_of(slot);
+        if first {
+            out.threads_new.push(key);
+        }
         out.usage.push(ProcessUsage {
-            key: self.process_of(slot),
+            key,
             comm: Comm(comm),
             cgroup_id,
             runtime_ns_by_socket: delta,

@@ -136,7 +136,7 @@ fn workload_figures(snapshot: &Snapshot, view: &WorkloadView) -> WorkloadFigures
 /// One process (computed on demand: readers select processes first, since
 /// a node has far more of them than of anything else).
 pub fn process_figures(snapshot: &Snapshot, process: &ProcessView) -> ProcessFigures {
-    let workload = snapshot.workloads.get(process.workload);
+    let workload = snapshot.workload_of(process);
     let container_id = workload.and_then(|w| match &*w.workload {
         Workload::Container { id, .. } => Some(id.clone()),
         _ => None,
@@ -348,6 +348,7 @@ fn agent_figures(snapshot: &Snapshot) -> AgentFigures {
             .map(|(name, count)| ((*name).to_owned(), *count))
             .collect(),
         read_errors: snapshot.read_errors,
+        threads_read: snapshot.threads_read,
         programs: snapshot
             .programs
             .iter()

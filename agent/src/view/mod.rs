@@ -263,6 +263,10 @@ pub struct AgentFigures {
     pub losses: BTreeMap<String, u64>,
     /// Failed reads of the CPU source since start.
     pub read_errors: u64,
+    /// Threads the CPU source's reads looked at since start (eBPF: only
+    /// threads that ran, or run now).
+    #[serde(default)]
+    pub threads_read: u64,
     pub programs: Vec<ProgramFigures>,
 }
 

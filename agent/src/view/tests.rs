@@ -91,6 +91,7 @@ pub(crate) fn sample_snapshot() -> Snapshot {
             false,
         ),
     ];
+    snapshot.slots_are_positions();
     snapshot.processes = vec![ProcessView {
         key: ProcessKey {
             pid: 42,
@@ -98,7 +99,7 @@ pub(crate) fn sample_snapshot() -> Snapshot {
         },
         comm: Comm::from_str_lossy("burn"),
         cgroup_id: 1,
-        workload: 0,
+        workload_slot: 0,
         cpu_ns_by_socket: snapshot.workloads[0].cpu_ns_by_socket,
         interval_ns: 250_000_000,
         energy_joules: joules(100.0, 50.0, 10.0),
@@ -106,7 +107,8 @@ pub(crate) fn sample_snapshot() -> Snapshot {
         first_seen: snapshot.workloads[0].first_seen,
         last_seen: snapshot.workloads[0].last_seen,
         exited: false,
-    }];
+    }]
+    .into();
     let node = &mut snapshot.energy.node;
     for domain in [Domain::Package, Domain::Core, Domain::Dram] {
         node.methods[domain as usize] = Some(EnergyMethod::Rapl);
@@ -182,7 +184,7 @@ fn the_view_round_trips_through_json() {
     let text = serde_json::to_string(&*figures).unwrap();
     let back: Figures = serde_json::from_str(&text).unwrap();
     assert_eq!(back, *figures);
-    let process = process_figures(&snapshot, &snapshot.processes[0]);
+    let process = process_figures(&snapshot, snapshot.processes.iter().next().unwrap());
     let text = serde_json::to_string(&process).unwrap();
     assert!(
         text.contains(

@@ -90,18 +90,46 @@ fn main() {
         "burn" => burn_for(Duration::from_secs_f64(arg(&args, 2, "seconds"))),
         "pinned" => {
             let cpu: usize = arg(&args, 2, "cpu");
-            // SAFETY: a zeroed cpu_set_t is empty; CPU_SET and the syscall
-            // only touch it.
-            unsafe {
-                let mut set: libc::cpu_set_t = std::mem::zeroed();
-                libc::CPU_SET(cpu, &mut set);
-                assert_eq!(
-                    libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
-                    0,
-                    "sched_setaffinity to CPU {cpu}"
-                );
-            }
+            pin_to(cpu);
             burn_for(Duration::from_secs_f64(arg(&args, 3, "seconds")));
+        }
+        "fifo-burn" => {
+            // fifo-burn CPU SECONDS: burns on CPU at real-time priority, so
+            // nothing of the normal class preempts it, then reports its own
+            // context switches during the burn and sleeps 30 s.
+            let cpu: usize = arg(&args, 2, "cpu");
+            let wall = Duration::from_secs_f64(arg(&args, 3, "seconds"));
+            pin_to(cpu);
+            println!("ready");
+            let _ = std::io::stdout().flush();
+            let switches = || {
+                // SAFETY: getrusage fills the struct.
+                let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+                unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+                usage.ru_nvcsw + usage.ru_nivcsw
+            };
+            let param = libc::sched_param { sched_priority: 50 };
+            // SAFETY: valid pointer; changes only this thread's policy.
+            let set = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+            assert_eq!(set, 0, "SCHED_FIFO: {}", std::io::Error::last_os_error());
+            let before = switches();
+            burn_for(wall);
+            let after = switches();
+            println!("switches during the burn: {}", after - before);
+            let _ = std::io::stdout().flush();
+            std::thread::sleep(Duration::from_secs(30));
+        }
+        "wake-once" => {
+            // wake-once BURN SLEEP BURN: burns, sleeps (one switch out, then
+            // nothing for many intervals), burns once more, then sleeps 60 s.
+            burn_for(Duration::from_secs_f64(arg(&args, 2, "first burn (s)")));
+            println!("slept");
+            let _ = std::io::stdout().flush();
+            std::thread::sleep(Duration::from_secs_f64(arg(&args, 3, "sleep (s)")));
+            burn_for(Duration::from_secs_f64(arg(&args, 4, "second burn (s)")));
+            println!("ran again");
+            let _ = std::io::stdout().flush();
+            std::thread::sleep(Duration::from_secs(60));
         }
         "half" => {
             let end = Instant::now() + Duration::from_secs_f64(arg(&args, 2, "seconds"));
@@ -205,23 +233,61 @@ fn main() {
             let _ = echo.join();
             println!("rounds={rounds}");
         }
-        "swarm" => swarm(&args),
+        "swarm" => swarm(&args, 1),
+        "thread-swarm" => {
+            // thread-swarm SECONDS THREADS PER_CGROUP PERIOD_MS DIRS...
+            let threads: usize = arg(&args, 3, "threads per process");
+            let mut rest = args.clone();
+            rest.remove(3);
+            swarm(&rest, threads.max(1));
+        }
         _ => {
             eprintln!(
-                "usage: workload [nice N] burn|pinned|half|threads|short|crowd|sleep|pingpong|swarm ..."
+                "usage: workload [nice N] burn|pinned|half|threads|short|crowd|sleep|pingpong|swarm|thread-swarm|fifo-burn|wake-once ..."
             );
             std::process::exit(2);
         }
     }
 }
 
-fn swarm(args: &[String]) {
+/// Keeps the calling thread on `cpu`.
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET and the syscall only
+    // touch it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "sched_setaffinity to CPU {cpu}"
+        );
+    }
+}
+
+/// Runs once now (so the agent sees every thread), then 50 us once a
+/// `period`, offset by `number` within it, until `end` or the parent dies.
+fn wake_every(period: Duration, spread: usize, number: usize, end: Instant) {
+    burn_cpu(Duration::from_micros(50));
+    std::thread::sleep(Duration::from_micros((number * 997 % spread) as u64));
+    while Instant::now() < end {
+        burn_cpu(Duration::from_micros(50));
+        std::thread::sleep(period);
+        // SAFETY: no preconditions.
+        if unsafe { libc::getppid() } == 1 {
+            break;
+        }
+    }
+}
+
+fn swarm(args: &[String], threads: usize) {
     let seconds: f64 = arg(args, 2, "seconds");
     let per_cgroup: usize = arg(args, 3, "children per cgroup");
     let period = Duration::from_millis(arg(args, 4, "wake-up period (ms)"));
     let dirs = &args[5..];
     let end = Instant::now() + Duration::from_secs_f64(seconds);
     let mut children = Vec::with_capacity(dirs.len() * per_cgroup);
+    let spread = period.as_micros().max(1) as usize;
     for (index, dir) in dirs.iter().enumerate() {
         let procs = std::fs::OpenOptions::new()
             .write(true)
@@ -230,26 +296,23 @@ fn swarm(args: &[String]) {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&procs);
         for child_index in 0..per_cgroup {
             // SAFETY: this process is single-threaded; the child only makes
-            // syscalls, burns CPU and exits.
+            // syscalls, starts threads, burns CPU and exits.
             let pid = unsafe { libc::fork() };
             if pid == 0 {
                 unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
-                // Run once now (so the agent sees every process), then spread
-                // the wake-ups over the period.
-                burn_cpu(Duration::from_micros(50));
-                let spread = period.as_micros().max(1) as usize;
-                let offset = Duration::from_micros(
-                    ((index * per_cgroup + child_index) * 997 % spread) as u64,
-                );
-                std::thread::sleep(offset);
-                while Instant::now() < end {
-                    burn_cpu(Duration::from_micros(50));
-                    std::thread::sleep(period);
-                    // SAFETY: no preconditions.
-                    if unsafe { libc::getppid() } == 1 {
-                        break;
-                    }
-                }
+                let first = (index * per_cgroup + child_index) * threads;
+                // Each thread wakes once a period, the wake-ups spread over
+                // it; small stacks, so 100,000 threads fit.
+                let extra: Vec<_> = (1..threads)
+                    .map(|thread| {
+                        std::thread::Builder::new()
+                            .stack_size(64 * 1024)
+                            .spawn(move || wake_every(period, spread, first + thread, end))
+                            .expect("thread")
+                    })
+                    .collect();
+                wake_every(period, spread, first, end);
+                drop(extra);
                 unsafe { libc::_exit(0) };
             }
             assert!(pid > 0, "fork failed: {}", std::io::Error::last_os_error());
