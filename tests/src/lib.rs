@@ -456,6 +456,23 @@ impl Agent {
             .unwrap_or_else(|e| panic!("GET {path}: {e}"))
     }
 
+    /// How many items the list route `path` has (its `X-Total-Count`),
+    /// without transferring them.
+    pub fn total_count(&self, path: &str) -> usize {
+        let separator = if path.contains('?') { '&' } else { '?' };
+        let response = self
+            .http
+            .get(&format!("{}{path}{separator}limit=1", self.base_url))
+            .call()
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        response
+            .headers()
+            .get("x-total-count")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("GET {path}: no X-Total-Count"))
+    }
+
     /// GET `path`, returning the status and the JSON body.
     pub fn get(&self, path: &str) -> (u16, Value) {
         self.try_get(path)

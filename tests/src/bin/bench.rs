@@ -626,8 +626,8 @@ fn bench_churn(minutes: u64) -> anyhow::Result<()> {
         let evicted = health["losses"]["exited_processes_evicted"]
             .as_u64()
             .unwrap_or(0);
-        let kept_containers = count(&agent, "/api/v1/containers?limit=1000000");
-        let kept_processes = count(&agent, "/api/v1/processes?limit=1000000");
+        let kept_containers = agent.total_count("/api/v1/containers");
+        let kept_processes = agent.total_count("/api/v1/processes");
         println!(
             "{minute:>8.1} {rss:>10.1} {kept_containers:>12} {kept_processes:>12} {evicted:>10}"
         );
@@ -664,8 +664,4 @@ fn bench_churn(minutes: u64) -> anyhow::Result<()> {
     );
     drop(parent);
     Ok(())
-}
-
-fn count(agent: &Agent, path: &str) -> usize {
-    agent.get(path).1.as_array().map_or(0, Vec::len)
 }
