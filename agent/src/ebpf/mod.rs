@@ -248,9 +248,9 @@ fn boottime_ns() -> u64 {
 }
 
 /// Every this many reads, the live set is checked against `/proc` to retire
-/// processes that left no trace in `EXITED` (only when that map was full:
-/// every thread's last switch leaves an entry). Listing /proc costs ~15 ms
-/// of CPU with 10,000 processes, hence the long period.
+/// processes whose end left no trace (every thread's last switch lists its
+/// slot, or adds to `EXITED`; only a full `EXITED` loses that). Listing
+/// /proc costs ~15 ms of CPU with 10,000 processes, hence the long period.
 const LIVENESS_SWEEP_EVERY: u64 = 60;
 
 impl EbpfCpuSource {
@@ -445,8 +445,9 @@ impl EbpfCpuSource {
             .collect()
     }
 
-    /// Reads `EXITED`: reports what grew since the last read, confirms
-    /// which processes are gone, and deletes entries that can no longer grow.
+    /// Reads `EXITED` (the time of threads that had no slot, keyed by
+    /// process): reports what grew since the last read, confirms which
+    /// processes are gone, and deletes entries that can no longer grow.
     fn drain_exited(&mut self, reading: &mut CpuReading) -> Result<(), CpuSourceError> {
         let map = self
             .ebpf
