@@ -730,6 +730,18 @@ fn api_errors_are_json_with_the_right_status() {
     assert!(list.is_array());
 }
 
+/// An eBPF agent, and a Docker-named container running the workload with
+/// `args`.
+fn agent_and_container_running(
+    args: &[&str],
+) -> (Agent, String, TestCgroup, integration_tests::ChildGuard) {
+    let agent = Agent::start(&["--method", "ebpf"]);
+    let container_id = random_hex(64);
+    let cgroup = TestCgroup::create(&format!("system.slice/docker-{container_id}.scope"));
+    let process = spawn_in(Some(&cgroup), &workload_binary(), args);
+    (agent, container_id, cgroup, process)
+}
+
 /// The agent's cumulative CPU seconds of `pid` (in the container's list),
 /// and the snapshot it came from.
 fn agent_cpu_seconds(agent: &Agent, container_id: &str, pid: u32) -> (f64, u64) {
@@ -754,15 +766,9 @@ fn a_thread_that_slept_for_many_intervals_then_ran_once_is_counted_exactly() {
     if !require_root() {
         return;
     }
-    let agent = Agent::start(&["--method", "ebpf"]);
-    let container_id = random_hex(64);
-    let cgroup = TestCgroup::create(&format!("system.slice/docker-{container_id}.scope"));
     // Burns 0.3 s, sleeps 5 s (20 intervals of 250 ms), burns 0.4 s once.
-    let mut process = spawn_in(
-        Some(&cgroup),
-        &workload_binary(),
-        &["wake-once", "0.3", "5", "0.4"],
-    );
+    let (agent, container_id, _cgroup, mut process) =
+        agent_and_container_running(&["wake-once", "0.3", "5", "0.4"]);
     assert_eq!(process.first_line(), "slept");
     agent.wait_intervals(2);
     let (before, _) = agent_cpu_seconds(&agent, &container_id, process.pid());
@@ -806,17 +812,11 @@ fn a_thread_that_never_switches_out_is_counted_in_every_interval() {
         eprintln!("skipping: needs a second CPU to hold a real-time burner");
         return;
     }
-    let agent = Agent::start(&["--method", "ebpf"]);
-    let container_id = random_hex(64);
-    let cgroup = TestCgroup::create(&format!("system.slice/docker-{container_id}.scope"));
     // A real-time thread pinned to the last CPU: no normal task preempts it,
     // so it runs its 0.8 s (under the kernel's 0.95 s real-time budget per
     // second) without a single switch out.
-    let mut process = spawn_in(
-        Some(&cgroup),
-        &workload_binary(),
-        &["fifo-burn", &(cpus - 1).to_string(), "0.8"],
-    );
+    let (agent, container_id, _cgroup, mut process) =
+        agent_and_container_running(&["fifo-burn", &(cpus - 1).to_string(), "0.8"]);
     assert_eq!(process.first_line(), "ready");
     let mut seen: Vec<(u64, f64)> = Vec::new();
     let started = std::time::Instant::now();
