@@ -355,7 +355,7 @@ impl Collector {
         }
         let cpu_retired = thread_cpu_us();
         let previous = self.shared.latest();
-        let snapshot = Snapshot::build_after(
+        let snapshot = Snapshot::build(
             &self.accounting,
             SnapshotBase {
                 generated_at: now,

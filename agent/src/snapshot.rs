@@ -173,22 +173,15 @@ impl Snapshot {
         }
     }
 
-    /// Builds the snapshot of the accounting's current state. Linear in the
-    /// number of processes, with no sorting or string comparison per process:
-    /// readers sort what they show.
-    pub fn build(accounting: &Accounting, base: SnapshotBase) -> Self {
-        Self::build_after(accounting, base, None)
-    }
-
-    /// `build`, sharing with `previous` (the snapshot built last) the views
-    /// of every shard of processes that did not change since: an interval
-    /// in which 1% of 10,000 processes ran copies a few hundred views, not
-    /// all 10,000.
-    pub fn build_after(
-        accounting: &Accounting,
-        base: SnapshotBase,
-        previous: Option<&Snapshot>,
-    ) -> Self {
+    /// Builds the snapshot of the accounting's current state, with no
+    /// sorting or string comparison per process: readers sort what they
+    /// show.
+    ///
+    /// Shares with `previous` (the snapshot built last) the views of every
+    /// shard of processes that did not change since, and the cgroup paths
+    /// unless one came or went: an interval in which 1% of 10,000 processes
+    /// ran copies a few hundred views, not all 10,000.
+    pub fn build(accounting: &Accounting, base: SnapshotBase, previous: Option<&Snapshot>) -> Self {
         let seq = accounting.seq();
         let slots = accounting.workload_slots();
         let mut workload_index_of_slot = vec![usize::MAX; slots.len()];

@@ -331,34 +331,14 @@ impl EbpfCpuSource {
         load_iter(&mut ebpf, names::BASELINE_TASKS, &aya_btf)?;
         run_iter(&mut ebpf, names::BASELINE_TASKS)?;
         // 2. The switch path.
-        let switch: &mut BtfTracePoint = ebpf
-            .program_mut(names::SCHED_SWITCH)
-            .ok_or(EbpfLoadError::MissingProgram(names::SCHED_SWITCH))?
-            .try_into()
-            .map_err(|source| EbpfLoadError::Program {
-                program: names::SCHED_SWITCH,
-                source,
-            })?;
-        switch
-            .load("sched_switch", &aya_btf)
-            .and_then(|()| switch.attach().map(drop))
-            .map_err(|source| EbpfLoadError::Program {
-                program: names::SCHED_SWITCH,
-                source,
-            })?;
+        attach_tp_btf(&mut ebpf, names::SCHED_SWITCH, "sched_switch", &aya_btf)?;
         // 3. The reader of running threads (run on demand, never attached).
-        let running: &mut RawTracePoint = ebpf
-            .program_mut(names::READ_RUNNING)
-            .ok_or(EbpfLoadError::MissingProgram(names::READ_RUNNING))?
-            .try_into()
+        program::<RawTracePoint>(&mut ebpf, names::READ_RUNNING)?
+            .load()
             .map_err(|source| EbpfLoadError::Program {
                 program: names::READ_RUNNING,
                 source,
             })?;
-        running.load().map_err(|source| EbpfLoadError::Program {
-            program: names::READ_RUNNING,
-            source,
-        })?;
         // 4. Cgroup names as they are made. Optional: without it, a
         //    container that lives less than an interval is charged to the
         //    host, as before.
@@ -669,21 +649,7 @@ fn attach_cgroup_mkdir(
     ebpf: &mut Ebpf,
     btf: &Btf,
 ) -> Result<aya::maps::RingBuf<MapData>, EbpfLoadError> {
-    let program: &mut BtfTracePoint = ebpf
-        .program_mut(names::CGROUP_MKDIR)
-        .ok_or(EbpfLoadError::MissingProgram(names::CGROUP_MKDIR))?
-        .try_into()
-        .map_err(|source| EbpfLoadError::Program {
-            program: names::CGROUP_MKDIR,
-            source,
-        })?;
-    program
-        .load("cgroup_mkdir", btf)
-        .and_then(|()| program.attach().map(drop))
-        .map_err(|source| EbpfLoadError::Program {
-            program: names::CGROUP_MKDIR,
-            source,
-        })?;
+    attach_tp_btf(ebpf, names::CGROUP_MKDIR, "cgroup_mkdir", btf)?;
     let map = ebpf
         .take_map(names::CGROUP_EVENTS)
         .ok_or(EbpfLoadError::MissingProgram(names::CGROUP_EVENTS))?;
@@ -694,7 +660,11 @@ fn attach_cgroup_mkdir(
 }
 
 /// The task iterator program `name` of the object.
-fn iter_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Iter, EbpfLoadError> {
+/// The program `name` of the object, as the kind `T` it must be.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EbpfLoadError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
     ebpf.program_mut(name)
         .ok_or(EbpfLoadError::MissingProgram(name))?
         .try_into()
@@ -704,8 +674,26 @@ fn iter_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut It
         })
 }
 
+/// Loads the `tp_btf` program `name` for the kernel's tracepoint
+/// `tracepoint` and attaches it.
+fn attach_tp_btf(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    tracepoint: &str,
+    btf: &Btf,
+) -> Result<(), EbpfLoadError> {
+    let program: &mut BtfTracePoint = program(ebpf, name)?;
+    program
+        .load(tracepoint, btf)
+        .and_then(|()| program.attach().map(drop))
+        .map_err(|source| EbpfLoadError::Program {
+            program: name,
+            source,
+        })
+}
+
 fn load_iter(ebpf: &mut Ebpf, name: &'static str, btf: &Btf) -> Result<(), EbpfLoadError> {
-    iter_program(ebpf, name)?
+    program::<Iter>(ebpf, name)?
         .load("task", btf)
         .map_err(|source| EbpfLoadError::Program {
             program: name,
@@ -716,7 +704,7 @@ fn load_iter(ebpf: &mut Ebpf, name: &'static str, btf: &Btf) -> Result<(), EbpfL
 /// Runs a loaded task iterator once to its end (its programs write
 /// nothing, so the output is only drained).
 fn run_iter(ebpf: &mut Ebpf, name: &'static str) -> Result<(), EbpfLoadError> {
-    let program = iter_program(ebpf, name)?;
+    let program = program::<Iter>(ebpf, name)?;
     let link_id = program.attach().map_err(|source| EbpfLoadError::Program {
         program: name,
         source,
