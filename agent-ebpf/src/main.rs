@@ -669,17 +669,23 @@ fn on_switch(prev: *mut c_void, next: u64) {
         end_thread(prev, slot, index, log);
         return;
     }
+    let generation = generation();
     // SAFETY: as above.
-    if load(unsafe { &raw const (*slot).listed_generation }) != generation() {
-        list_thread(prev, slot, index, log);
+    if load(unsafe { &raw const (*slot).listed_generation }) != generation {
+        list_thread(prev, slot, index, log, generation);
     }
 }
 
 /// The thread's first switch of this generation: put it on the ran list,
 /// and read its name again if it ran `execve`.
 #[inline(never)]
-fn list_thread(task: *mut c_void, slot: *mut ThreadSlot, index: u32, log: *mut CpuLog) {
-    let generation = generation();
+fn list_thread(
+    task: *mut c_void,
+    slot: *mut ThreadSlot,
+    index: u32,
+    log: *mut CpuLog,
+    generation: u64,
+) {
     // SAFETY: the thread's slot; only this CPU writes it now.
     store(unsafe { &raw mut (*slot).listed_generation }, generation);
     refresh_after_exec(task.cast(), slot);
