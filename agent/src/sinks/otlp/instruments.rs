@@ -634,69 +634,25 @@ pub fn register_controller(meter: &Meter, controller: crate::controller::SharedC
             "powerlens.controller.budget",
             "W",
             "The node power budget the controller holds (observe mode: would hold).",
-            |s| {
-                s.budget_watts
-                    .map(|watts| {
-                        vec![(
-                            watts,
-                            vec![KeyValue::new("powerlens.controller.mode", s.mode.clone())],
-                        )]
-                    })
-                    .unwrap_or_default()
-            },
+            |s| node_point(s, s.budget_watts),
         ),
         (
             "powerlens.controller.headroom",
             "W",
             "Budget minus measured node power (negative: over budget).",
-            |s| {
-                s.headroom_watts
-                    .map(|watts| {
-                        vec![(
-                            watts,
-                            vec![KeyValue::new("powerlens.controller.mode", s.mode.clone())],
-                        )]
-                    })
-                    .unwrap_or_default()
-            },
+            |s| node_point(s, s.headroom_watts),
         ),
         (
             "powerlens.controller.cap",
             "W",
             "A device power cap the controller has in force.",
-            |s| {
-                s.targets
-                    .iter()
-                    .filter_map(|t| {
-                        Some((
-                            t.cap_watts?,
-                            vec![KeyValue::new(
-                                "powerlens.controller.target",
-                                t.target.clone(),
-                            )],
-                        ))
-                    })
-                    .collect()
-            },
+            |s| per_target(s, |t| t.cap_watts),
         ),
         (
             "powerlens.controller.cpu_limit",
             "{cpu}",
             "CPUs a container is held to by the controller.",
-            |s| {
-                s.targets
-                    .iter()
-                    .filter_map(|t| {
-                        Some((
-                            t.cpu_limit_cpus?,
-                            vec![KeyValue::new(
-                                "powerlens.controller.target",
-                                t.target.clone(),
-                            )],
-                        ))
-                    })
-                    .collect()
-            },
+            |s| per_target(s, |t| t.cpu_limit_cpus),
         ),
     ];
     for (name, unit, description, pick) in gauges {
@@ -708,4 +664,39 @@ pub fn register_controller(meter: &Meter, controller: crate::controller::SharedC
             .with_callback(move |observer| observe(observer, pick(&status())))
             .build();
     }
+}
+
+/// A node-level controller figure, labelled with the controller's mode.
+fn node_point(status: &crate::controller::ControllerStatus, value: Option<f64>) -> Points {
+    value
+        .map(|value| {
+            vec![(
+                value,
+                vec![KeyValue::new(
+                    "powerlens.controller.mode",
+                    status.mode.clone(),
+                )],
+            )]
+        })
+        .unwrap_or_default()
+}
+
+/// A per-target controller figure, for each target that has one.
+fn per_target(
+    status: &crate::controller::ControllerStatus,
+    pick: fn(&crate::controller::TargetStatus) -> Option<f64>,
+) -> Points {
+    status
+        .targets
+        .iter()
+        .filter_map(|target| {
+            Some((
+                pick(target)?,
+                vec![KeyValue::new(
+                    "powerlens.controller.target",
+                    target.target.clone(),
+                )],
+            ))
+        })
+        .collect()
 }
