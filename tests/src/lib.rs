@@ -279,6 +279,16 @@ pub fn schedstat_ns(pid: u32) -> u64 {
         .expect("schedstat value")
 }
 
+/// How many times the thread `pid` has been put on a CPU (schedstat's third
+/// field): one more after every switch out and back.
+pub fn schedstat_arrivals(pid: u32) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/schedstat")).expect("schedstat");
+    text.split_whitespace()
+        .nth(2)
+        .and_then(|v| v.parse().ok())
+        .expect("schedstat arrival count")
+}
+
 /// Run time of all live threads of a process in ns.
 pub fn process_schedstat_ns(pid: u32) -> u64 {
     std::fs::read_dir(format!("/proc/{pid}/task"))
