@@ -22,35 +22,47 @@ pub const COMM_LEN: usize = 16;
 /// `sched_switch`: the task is doing its last context switch.
 pub const TASK_DEAD: u32 = 0x80;
 
-/// Capacity of the map that keeps the CPU time of exited threads and
-/// processes until the agent has read it.
-pub const EXITED_MAP_CAPACITY: u32 = 65_536;
+/// Capacity of `OVERFLOW`: threads whose switches found their CPU's log
+/// full since the agent's last read (newest record per thread).
+pub const OVERFLOW_MAP_CAPACITY: u32 = 16_384;
+
+/// Records per CPU log (`SWITCH_LOG`) when the configuration leaves it to
+/// the agent: 8 MiB over all logs (40 bytes a record), within
+/// 2,048..=8,192 per CPU (8,192 up to 25 CPUs, 2,048 from 103). The
+/// agent drains a log between reads at the pace its CPU fills it, so the
+/// length sets how often a busy CPU wakes the agent, not what it can hold.
+pub const fn default_switch_log_len(cpus: u32) -> u32 {
+    let share = (8 << 20) / 40 / if cpus == 0 { 1 } else { cpus };
+    if share >= 8_192 {
+        8_192
+    } else if share <= 2_048 {
+        2_048
+    } else {
+        // The largest power of two within the share.
+        1 << (31 - share.leading_zeros())
+    }
+}
 
 /// Map and program names, defined once for both sides.
 pub mod names {
-    pub const TASK_RUNTIME: &str = "TASK_RUNTIME";
-    pub const EXITED: &str = "EXITED";
-    pub const THREADS: &str = "THREADS";
+    pub const SWITCH_LOG: &str = "SWITCH_LOG";
     pub const CPU_LOG: &str = "CPU_LOG";
-    pub const RAN_LISTS: &str = "RAN_LISTS";
-    pub const FREE_SLOTS: &str = "FREE_SLOTS";
+    pub const OVERFLOW: &str = "OVERFLOW";
     pub const CONTROL: &str = "CONTROL";
     pub const RUNNING: &str = "RUNNING";
     pub const READ_RUNNING: &str = "read_running";
-    pub const GLOBAL_RAN_LIST_LEN: &str = "RAN_LIST_LEN";
-    pub const GLOBAL_THREAD_SLOTS: &str = "THREAD_SLOTS";
-    pub const GLOBAL_FREE_RING_MASK: &str = "FREE_RING_MASK";
+    pub const GLOBAL_SWITCH_LOG_LEN: &str = "SWITCH_LOG_LEN";
     pub const LOSS_COUNTERS: &str = "LOSS_COUNTERS";
     pub const SCHED_SWITCH: &str = "sched_switch";
     pub const BASELINE_TASKS: &str = "baseline_tasks";
     pub const EMPTY_SCHED_SWITCH: &str = "empty_sched_switch";
     /// Global (`.rodata`) variables the agent sets before loading.
     pub const GLOBAL_OFFSETS: &str = "OFFSETS";
-    pub const GLOBAL_CPU_TO_SOCKET: &str = "CPU_TO_SOCKET";
-    pub const GLOBAL_SOCKETS: &str = "SOCKETS";
-    pub const GLOBAL_AGENT_START_BOOTTIME_NS: &str = "AGENT_START_BOOTTIME_NS";
     pub const CGROUP_EVENTS: &str = "CGROUP_EVENTS";
     pub const CGROUP_MKDIR: &str = "cgroup_mkdir";
+    pub const PROCESS_EVENTS: &str = "PROCESS_EVENTS";
+    pub const PROCESS_FORK: &str = "process_fork";
+    pub const PROCESS_EXEC: &str = "process_exec";
     pub const GLOBAL_WEAKLY_ORDERED: &str = "WEAKLY_ORDERED";
 }
 
@@ -89,105 +101,131 @@ pub struct KernelOffsets {
     pub task_state_size: u32,
 }
 
-/// Default number of thread slots (`THREADS`): threads alive at once plus
-/// those that ended since the last read. A thread that finds none free is
-/// still counted exactly, through `EXITED`, at a hash update per switch.
-pub const DEFAULT_THREAD_SLOTS: u32 = 131_072;
+/// Top bit of `SwitchRecord::tgid_pid`: the thread's last switch (a tgid
+/// never reaches it: PIDs stay below 2^22).
+pub const RECORD_ENDED: u64 = 1 << 63;
 
-/// `ThreadSlot::state`: free (on the agent's free ring or never used).
-pub const SLOT_FREE: u64 = 0;
-/// `ThreadSlot::state`: a live thread's.
-pub const SLOT_LIVE: u64 = 1;
-/// `ThreadSlot::state`: the thread made its last switch; the agent reads the
-/// final figures and frees the slot.
-pub const SLOT_EXITED: u64 = 2;
-
-/// Everything powerlens keeps about one thread, in a slot of the `THREADS`
-/// array, which the agent maps into its memory and reads without a system
-/// call.
-///
-/// Only the kernel writes a slot while it is live (the switch path on the
-/// CPU the thread leaves, or the running-thread reader on the CPU it runs
-/// on: never both at once for one thread); the agent only reads it, and
-/// zeroes it before handing it back through the free ring. The first cache
-/// line holds what a switch touches on machines with up to six sockets.
+/// One context switch (or one read of a running thread): who, and its run
+/// time so far. Written by the kernel into its CPU's log, read by the agent
+/// from the mapping.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ThreadSlot {
-    /// The thread's `sum_exec_runtime` at its last switch out.
-    pub last_runtime_ns: u64,
-    /// The read generation in which the thread was last put on its CPU's
-    /// ran list.
-    pub listed_generation: u64,
-    /// Run time charged at switches since the slot was claimed, per socket.
-    /// Only grows; the agent reports the growth.
-    pub cumulative_ns: [u64; MAX_SOCKETS],
-    /// `SLOT_FREE`, `SLOT_LIVE` or `SLOT_EXITED`.
-    pub state: u64,
-    pub tid: u32,
-    pub tgid: u32,
-    /// `task_struct.mm` when the identity was read: a different one at a
-    /// listing means the thread ran `execve`, so its name is read again.
-    pub mm: u64,
-    /// Start time of the thread-group leader (ns, CLOCK_BOOTTIME): with
-    /// `tgid` it names a process uniquely, so a reused PID never merges two
-    /// processes.
-    pub process_start_ns: u64,
-    /// The `css_set` the cgroup id was read from (re-read when it changes).
-    pub css_set: u64,
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SwitchRecord {
+    /// Address of the thread's `task_struct`.
+    pub task: u64,
+    /// The thread's `start_boottime`: with the address it names the thread
+    /// for good (an address reused by a later thread comes with a later
+    /// start), and neither changes when a thread's `execve` takes over its
+    /// leader's PID.
+    pub thread_start_ns: u64,
+    /// `se.sum_exec_runtime` at the switch: absolute, so the agent charges
+    /// the growth since the thread's previous record, wherever it was.
+    pub runtime_ns: u64,
+    /// The thread's cgroup on the v2 hierarchy at the switch.
     pub cgroup_id: u64,
-    /// The leader's name.
-    pub comm: [u8; COMM_LEN],
+    /// tgid in the high half, thread id in the low; `RECORD_ENDED` set on
+    /// the thread's last switch.
+    pub tgid_pid: u64,
 }
 
-/// Per-thread state kept in task-local storage: which slot is the thread's.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct TaskRuntime {
-    /// Index of the thread's `ThreadSlot` plus one (0: none yet).
-    pub slot_plus_one: u32,
-    pub _pad: u32,
-    /// `sum_exec_runtime` at the last switch while the thread had no slot
-    /// (all slots taken): its time then goes through `EXITED`.
-    pub unslotted_last_ns: u64,
+impl SwitchRecord {
+    pub const fn ended(&self) -> bool {
+        self.tgid_pid & RECORD_ENDED != 0
+    }
+
+    /// The thread, whatever the record says of it.
+    pub const fn thread(&self) -> (u64, u64) {
+        (self.task, self.thread_start_ns)
+    }
+
+    pub const fn tgid(&self) -> u32 {
+        ((self.tgid_pid & !RECORD_ENDED) >> 32) as u32
+    }
+
+    pub const fn tid(&self) -> u32 {
+        self.tgid_pid as u32
+    }
 }
 
-/// One CPU's state, in the `CPU_LOG` array (one cache line per CPU, so
-/// CPUs never write a shared line on the switch path).
+/// One CPU's log header, in `CPU_LOG` (one cache line per CPU, so CPUs
+/// never write a shared line on the switch path).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CpuLog {
-    /// Run time of tasks on this CPU, charged at switches: the agent derives
-    /// the CPU's idle time as wall time minus this.
-    pub busy_ns: u64,
-    /// Entries in this CPU's two ran lists (one per generation parity).
-    pub listed: [u64; 2],
-    /// A ran list filled up in that generation: the agent then reads every
-    /// slot instead.
-    pub overflowed: [u32; 2],
+    /// Records written to this CPU's log (only grows; the record of number
+    /// n is at n mod the log's length).
+    pub written: u64,
     /// The task switched in last, and this CPU's idle task (seen when it
     /// switches out): equal when the CPU is idle, so the agent asks only
     /// busy CPUs for their running thread.
     pub current_task: u64,
     pub idle_task: u64,
-    pub _pad: [u64; 2],
+    /// Records the agent has read (written by the agent only, once per
+    /// drain: sharing the line costs the switch path one miss per drain,
+    /// where a map of its own would cost a lookup per switch).
+    pub consumed: u64,
+    pub _pad: [u64; 4],
 }
 
-/// Generation counter and slot allocation, the single entry of `CONTROL`.
+/// The single entry of `CONTROL`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Control {
-    /// Written by the agent at each read: a thread is listed on its first
-    /// switch of a generation, into the ran list of the generation's parity.
-    pub generation: u64,
-    pub _pad0: [u64; 7],
-    /// Slots never used yet start here (moved with atomic add).
-    pub next_unused_slot: u64,
-    /// The free ring (`FREE_SLOTS`): the agent pushes at `free_head`, the
-    /// kernel takes at `free_tail` (compare-and-swap). Both only grow.
-    pub free_tail: u64,
-    pub free_head: u64,
-    pub _pad1: [u64; 5],
+    /// Number of the agent's current read: `read_running` stamps its answer
+    /// with it, so a stale answer is never taken for a fresh one.
+    pub read: u64,
+    pub _pad: [u64; 7],
+}
+
+/// What `read_running` found on one CPU (`RUNNING`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunningThread {
+    /// `Control::read` when it ran.
+    pub read: u64,
+    /// The running thread (all zero when the CPU was idle).
+    pub record: SwitchRecord,
+    pub _pad: [u64; 2],
+}
+
+/// Key of `OVERFLOW`: the thread (`SwitchRecord::thread`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct OverflowKey {
+    pub task: u64,
+    pub thread_start_ns: u64,
+}
+
+/// The newest record of a thread whose switch found its CPU's log full.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OverflowValue {
+    pub record: SwitchRecord,
+    /// The CPU it switched out of.
+    pub cpu: u32,
+    pub _pad: u32,
+}
+
+/// One existing thread at start, written by `baseline_tasks`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BaselineThread {
+    pub record: SwitchRecord,
+    /// Start time of its thread-group leader (ns, CLOCK_BOOTTIME).
+    pub process_start_ns: u64,
+    /// The leader's name.
+    pub comm: [u8; COMM_LEN],
+}
+
+/// A process that started, or ran `execve`: the start time that, with its
+/// tgid, names it, and its (leader's) name.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcessStarted {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub start_ns: u64,
+    pub comm: [u8; COMM_LEN],
 }
 
 /// One CPU's loss counters (`LOSS_COUNTERS`, indexed by CPU and mapped
@@ -197,21 +235,6 @@ pub struct Control {
 pub struct LossCounts {
     pub counts: [u64; LossCounter::COUNT as usize],
     pub _pad: [u64; 16 - LossCounter::COUNT as usize],
-}
-
-/// What the running-thread reader found on one CPU (`RUNNING`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RunningThread {
-    /// The generation the agent was reading when it asked.
-    pub generation: u64,
-    /// Slot of the thread on the CPU plus one (0: idle, or no slot).
-    pub slot_plus_one: u32,
-    pub socket: u32,
-    /// Run time since its last switch out (on `socket`).
-    pub in_progress_ns: u64,
-    /// The slot's cumulative figures at the same moment.
-    pub cumulative_ns: [u64; MAX_SOCKETS],
 }
 
 /// Longest cgroup path (bytes, NUL included) the `cgroup_mkdir` program
@@ -233,88 +256,44 @@ pub struct CgroupCreated {
     pub path: [u8; CGROUP_PATH_LEN],
 }
 
-/// Key of the map of exited threads' last run time.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct ExitedKey {
-    pub tgid: u32,
-    pub _pad: u32,
-    pub process_start_ns: u64,
-}
-
-/// Run time of a process's exited threads not yet seen by the agent.
-/// Cumulative while the entry lives: the agent reads deltas and deletes the
-/// entry once the process is gone.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ExitedValue {
-    pub cgroup_id: u64,
-    /// Threads of the process that have ended: the agent checks whether the
-    /// process is gone when this changes.
-    pub threads_exited: u64,
-    pub comm: [u8; COMM_LEN],
-    pub runtime_ns_by_socket: [u64; MAX_SOCKETS],
-}
-
 /// Indexes of the per-CPU loss counters. Every place the kernel side can drop
 /// data increments one of these; the agent exports them.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LossCounter {
-    /// `bpf_task_storage_get` could not create a thread's entry (out of
-    /// memory, or the CPU was inside another task-storage call). Not a loss
-    /// by itself: the thread's `sum_exec_runtime` keeps counting, and the
-    /// next switch or read that gets the entry charges the time.
-    TaskStorageFull = 0,
-    /// Run time (ns) lost because a thread ended without ever getting an
-    /// entry while it had run before the agent started (a thread born
-    /// after the start is charged whole, so it loses nothing).
-    TaskStorageFullNs = 1,
-    /// An exited (or slotless) thread's run time did not fit in the exited map.
-    ExitedMapFull = 2,
-    /// Run time (ns) dropped because of `ExitedMapFull`.
-    ExitedMapFullNs = 3,
+    /// A switch found its CPU's log full (the agent had not caught up): not
+    /// a loss, the record went to `OVERFLOW`.
+    SwitchLogFull = 0,
+    /// ... and `OVERFLOW` was full too: the record is dropped. A live
+    /// thread's slice is then charged at its next record (later, and to the
+    /// CPU of that record); a thread's last slice is lost.
+    OverflowMapFull = 1,
     /// Reading a kernel field failed.
-    KernelReadFailed = 4,
-    /// A CPU whose socket is at or past `MAX_SOCKETS` ran a slice (not a
-    /// loss of time: it is charged to the last socket slot).
-    SocketOverflow = 5,
-    /// A switch found no free thread slot (all `THREADS` taken): not a loss,
-    /// the thread's time then goes through `EXITED` at every switch until a
-    /// slot frees up (raise `thread_slots` if this keeps counting).
-    ThreadSlotsFull = 6,
-    /// A thread could not be put on its CPU's ran list (full for this
-    /// generation): not a loss, the agent then reads every slot once.
-    RanListOverflow = 7,
+    KernelReadFailed = 2,
+    /// A started process did not fit the ring buffer (its name and start
+    /// time are then read from procfs, if it is still there).
+    ProcessEventsDropped = 3,
     /// A created cgroup that did not fit the ring buffer (its name is then
     /// learnt by the next walk of the hierarchy, if it is still there).
-    CgroupEventsDropped = 8,
+    CgroupEventsDropped = 4,
 }
 
 impl LossCounter {
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 5;
     pub const ALL: [LossCounter; Self::COUNT as usize] = [
-        LossCounter::TaskStorageFull,
-        LossCounter::TaskStorageFullNs,
-        LossCounter::ExitedMapFull,
-        LossCounter::ExitedMapFullNs,
+        LossCounter::SwitchLogFull,
+        LossCounter::OverflowMapFull,
         LossCounter::KernelReadFailed,
-        LossCounter::SocketOverflow,
-        LossCounter::ThreadSlotsFull,
-        LossCounter::RanListOverflow,
+        LossCounter::ProcessEventsDropped,
         LossCounter::CgroupEventsDropped,
     ];
 
     pub const fn name(self) -> &'static str {
         match self {
-            LossCounter::TaskStorageFull => "task_storage_full",
-            LossCounter::TaskStorageFullNs => "task_storage_full_ns",
-            LossCounter::ExitedMapFull => "exited_map_full",
-            LossCounter::ExitedMapFullNs => "exited_map_full_ns",
+            LossCounter::SwitchLogFull => "switch_log_full",
+            LossCounter::OverflowMapFull => "overflow_map_full",
             LossCounter::KernelReadFailed => "kernel_read_failed",
-            LossCounter::SocketOverflow => "socket_overflow",
-            LossCounter::ThreadSlotsFull => "thread_slots_full",
-            LossCounter::RanListOverflow => "ran_list_overflow",
+            LossCounter::ProcessEventsDropped => "process_events_dropped",
             LossCounter::CgroupEventsDropped => "cgroup_events_dropped",
         }
     }
@@ -325,13 +304,14 @@ mod pod {
     // SAFETY: all of these are `#[repr(C)]`, `Copy`, made of integers only,
     // with explicit padding fields, so every bit pattern is valid.
     unsafe impl aya::Pod for super::KernelOffsets {}
-    unsafe impl aya::Pod for super::TaskRuntime {}
-    unsafe impl aya::Pod for super::ThreadSlot {}
+    unsafe impl aya::Pod for super::SwitchRecord {}
     unsafe impl aya::Pod for super::CpuLog {}
     unsafe impl aya::Pod for super::Control {}
     unsafe impl aya::Pod for super::RunningThread {}
     unsafe impl aya::Pod for super::LossCounts {}
-    unsafe impl aya::Pod for super::ExitedKey {}
-    unsafe impl aya::Pod for super::ExitedValue {}
+    unsafe impl aya::Pod for super::OverflowKey {}
+    unsafe impl aya::Pod for super::OverflowValue {}
+    unsafe impl aya::Pod for super::BaselineThread {}
+    unsafe impl aya::Pod for super::ProcessStarted {}
     unsafe impl aya::Pod for super::CgroupCreated {}
 }

@@ -111,8 +111,8 @@ pub fn select_source(
             let options = EbpfOptions::new(
                 config.btf_path.clone(),
                 config.procfs_root.clone(),
-                config.exited_map_capacity,
-                config.thread_slots,
+                config.switch_log_len,
+                config.overflow_map_capacity,
             );
             match EbpfCpuSource::load(&options, topology.clone()) {
                 Ok(source) => Ok((Box::new(source), vec![ok("cpu:ebpf")])),
@@ -239,6 +239,18 @@ impl Collector {
         self.energy
             .counter_sample_period()
             .filter(|period| *period < self.interval)
+    }
+
+    /// How soon the CPU source needs a drain before the next interval.
+    pub fn drain_period(&self) -> Option<Duration> {
+        self.source
+            .drain_period()
+            .filter(|period| *period < self.interval)
+    }
+
+    /// Lets the CPU source empty its kernel buffers (between intervals).
+    pub fn drain(&mut self) {
+        self.source.drain();
     }
 
     /// Samples the energy counters (between intervals).

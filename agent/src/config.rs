@@ -62,16 +62,16 @@ pub struct Config {
     /// oldest go first; their time stays in their workload's figures).
     pub max_exited_processes: usize,
     pub method: MethodChoice,
-    /// Processes whose exited threads' CPU time the kernel side can hold
-    /// between two reads. Past it, that time is counted as lost
-    /// (`exited_map_full_ns`); raise it on nodes that fork more than this
-    /// many short-lived processes per interval. ~120 bytes each.
-    pub exited_map_capacity: u32,
-    /// Thread slots the kernel side keeps: threads alive at once, plus those
-    /// that ended since the last read. Past it a thread's time still counts
-    /// exactly, at a hash update per switch (`thread_slots_full` counts
-    /// them). 144 bytes of kernel memory each (19 MiB at the default).
-    pub thread_slots: u32,
+    /// Records in each CPU's switch log (a power of two, 40 bytes of
+    /// kernel memory each); 0 sizes them to 8 MiB over all CPUs (8,192
+    /// per CPU up to 25 CPUs, 2,048 from 103). The agent drains a log
+    /// between intervals when it fills faster than that; switches that
+    /// still find it full go to the overflow map (`switch_log_full`).
+    pub switch_log_len: u32,
+    /// Threads whose switches found their CPU's log full that the kernel
+    /// side can hold between two reads (newest record per thread; past it
+    /// `overflow_map_full` counts dropped records). ~120 bytes each.
+    pub overflow_map_capacity: u32,
     /// Kernel BTF (type information) used to load the programs.
     pub btf_path: PathBuf,
     pub procfs_root: PathBuf,
@@ -128,8 +128,8 @@ impl Default for Config {
             retention: Duration::from_secs(15 * 60),
             max_exited_processes: crate::accounting::DEFAULT_MAX_EXITED_PROCESSES,
             method: MethodChoice::Auto,
-            exited_map_capacity: agent_common::EXITED_MAP_CAPACITY,
-            thread_slots: agent_common::DEFAULT_THREAD_SLOTS,
+            switch_log_len: 0,
+            overflow_map_capacity: agent_common::OVERFLOW_MAP_CAPACITY,
             btf_path: PathBuf::from("/sys/kernel/btf/vmlinux"),
             procfs_root: PathBuf::from("/proc"),
             sysfs_root: PathBuf::from("/sys"),
@@ -184,13 +184,12 @@ pub struct Overrides {
     /// Most exited processes kept for queries.
     #[arg(long, env = "POWERLENS_MAX_EXITED_PROCESSES")]
     pub max_exited_processes: Option<usize>,
-    /// Exited processes the kernel side holds between two reads.
-    #[arg(long, env = "POWERLENS_EXITED_MAP_CAPACITY")]
-    pub exited_map_capacity: Option<u32>,
-    /// Threads (alive, or ended since the last read) the kernel side keeps
-    /// a slot for.
-    #[arg(long, env = "POWERLENS_THREAD_SLOTS")]
-    pub thread_slots: Option<u32>,
+    /// Records in each CPU's switch log (a power of two).
+    #[arg(long, env = "POWERLENS_SWITCH_LOG_LEN")]
+    pub switch_log_len: Option<u32>,
+    /// Threads the kernel side holds records of when a CPU's log is full.
+    #[arg(long, env = "POWERLENS_OVERFLOW_MAP_CAPACITY")]
+    pub overflow_map_capacity: Option<u32>,
     #[arg(long, env = "POWERLENS_BTF_PATH")]
     pub btf_path: Option<PathBuf>,
     /// Root of procfs (for containers that mount the host's elsewhere).
@@ -364,11 +363,11 @@ impl Config {
         if let Some(v) = o.max_exited_processes {
             self.max_exited_processes = v;
         }
-        if let Some(v) = o.exited_map_capacity {
-            self.exited_map_capacity = v;
+        if let Some(v) = o.overflow_map_capacity {
+            self.overflow_map_capacity = v;
         }
-        if let Some(v) = o.thread_slots {
-            self.thread_slots = v;
+        if let Some(v) = o.switch_log_len {
+            self.switch_log_len = v;
         }
         if let Some(v) = o.method {
             self.method = v;
@@ -478,16 +477,22 @@ impl Config {
         if let Err((field, message)) = self.controller.check() {
             return Err(ConfigError::Invalid { field, message });
         }
-        if !(1..=1 << 24).contains(&self.exited_map_capacity) {
+        if !(1..=1 << 24).contains(&self.overflow_map_capacity) {
             return Err(ConfigError::Invalid {
-                field: "exited_map_capacity",
-                message: format!("{} is outside 1..=16777216", self.exited_map_capacity),
+                field: "overflow_map_capacity",
+                message: format!("{} is outside 1..=16777216", self.overflow_map_capacity),
             });
         }
-        if !(1..=1 << 22).contains(&self.thread_slots) {
+        if self.switch_log_len != 0
+            && (!(64..=1 << 20).contains(&self.switch_log_len)
+                || !self.switch_log_len.is_power_of_two())
+        {
             return Err(ConfigError::Invalid {
-                field: "thread_slots",
-                message: format!("{} is outside 1..=4194304", self.thread_slots),
+                field: "switch_log_len",
+                message: format!(
+                    "{} is neither 0 (sized by the agent) nor a power of two within 64..=1048576",
+                    self.switch_log_len
+                ),
             });
         }
         for (field, path) in [

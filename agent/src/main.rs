@@ -207,8 +207,16 @@ fn run(overrides: &Overrides) -> anyhow::Result<()> {
         );
     }
     let mut next_sample = sample_every.map(|period| Instant::now() + period);
+    // Busy CPUs' switch logs are drained between intervals at the pace the
+    // source asks for (none on a quiet node).
+    let mut next_drain = collector
+        .drain_period()
+        .map(|period| Instant::now() + period);
     while !shutdown.is_cancelled() {
-        let wake = next_sample.map_or(next, |sample| sample.min(next));
+        let wake = [next_sample, next_drain]
+            .into_iter()
+            .flatten()
+            .fold(next, Instant::min);
         let deadline = tokio::time::Instant::from_std(wake);
         let stop = runtime.block_on(async {
             tokio::select! {
@@ -220,12 +228,23 @@ fn run(overrides: &Overrides) -> anyhow::Result<()> {
             break;
         }
         if wake < next {
-            collector.sample_counters();
-            next_sample = sample_every.map(|period| Instant::now() + period);
+            if next_sample.is_some_and(|at| at <= wake) {
+                collector.sample_counters();
+                next_sample = sample_every.map(|period| Instant::now() + period);
+            }
+            if next_drain.is_some_and(|at| at <= wake) {
+                collector.drain();
+                next_drain = collector
+                    .drain_period()
+                    .map(|period| Instant::now() + period);
+            }
             continue;
         }
         collector.tick();
         next_sample = sample_every.map(|period| Instant::now() + period);
+        next_drain = collector
+            .drain_period()
+            .map(|period| Instant::now() + period);
         if let Some(controller) = &mut controller {
             if controller.has_policy() {
                 let figures = shared.latest().figures();

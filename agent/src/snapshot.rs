@@ -132,7 +132,8 @@ pub struct Snapshot {
     pub sources: Vec<SourceStatus>,
     /// Failed reads of the CPU source since start.
     pub read_errors: u64,
-    /// Threads the CPU source's reads looked at since start.
+    /// Records (eBPF: switch records and running threads) the CPU source's
+    /// reads looked at since start.
     pub threads_read: u64,
     pub energy: EnergyView,
     pub agent: AgentUsage,

@@ -127,7 +127,8 @@ pub struct CpuReading {
     /// Cgroups created since the previous read, as the kernel named them:
     /// (id, path from the hierarchy's root, uid of their creator).
     pub cgroups_created: Vec<(u64, String, u32)>,
-    /// Threads whose figures this read looked at (eBPF: slots visited).
+    /// Records this read looked at (eBPF: switch records, running threads
+    /// and overflow records).
     pub threads_read: u64,
 }
 
@@ -161,6 +162,16 @@ pub trait CpuTimeSource: Send {
     /// Everything since the previous call (the first call covers the time
     /// since the source was created).
     fn read(&mut self) -> Result<CpuReading, CpuSourceError>;
+
+    /// How soon the source needs `drain` before the next read, if it does
+    /// (its kernel buffers fill faster than the interval empties them).
+    fn drain_period(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// Moves what the kernel buffered into the source's own memory, for
+    /// the next read.
+    fn drain(&mut self) {}
 }
 
 #[cfg(test)]

@@ -1,18 +1,26 @@
 //! Loads the kernel programs and reads them: the eBPF [`CpuTimeSource`].
 //!
-//! Start-up order matters for exactness: the baseline iterator first gives
-//! every existing thread a slot with its past run time marked as seen, then
-//! `sched_switch` is attached; each read then visits the slots of threads
-//! that ran ([`threads`]) and drains `EXITED`.
+//! Start-up order matters for exactness: `sched_switch` and the process
+//! events are attached first, then the baseline iterator writes every
+//! existing thread's run time so far, which the reader marks as seen (a
+//! record older than that adds nothing; a thread missing from it was born
+//! after the attach, so all its time is new). Each read then reads the
+//! switch logs ([`threads`]) and, when a log was full, `OVERFLOW`.
 
 pub mod btf;
 pub mod threads;
 
-use std::{collections::HashSet, os::fd::AsFd as _, path::PathBuf};
+use std::{
+    collections::HashSet,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use agent_common::{
-    CgroupCreated, ExitedKey, ExitedValue, KernelOffsets, LossCounter, LossCounts, MAX_SOCKETS,
-    names::{self, GLOBAL_CPU_TO_SOCKET, GLOBAL_OFFSETS},
+    BaselineThread, CgroupCreated, KernelOffsets, LossCounter, LossCounts, OverflowKey,
+    OverflowValue, ProcessStarted, SwitchRecord,
+    names::{self, GLOBAL_OFFSETS},
 };
 use aya::{
     Btf, Ebpf, EbpfLoader, Endianness,
@@ -25,12 +33,9 @@ use rustc_hash::FxHashMap;
 use thiserror::Error;
 use tracing::{debug, info};
 
-use self::threads::{SharedArray, SharedMaps, SlotReader};
+use self::threads::{LogReader, ProcessName, SharedArray, SharedMaps};
 use crate::{
-    cpu::{
-        Comm, CpuReading, CpuSourceError, CpuTimeSource, Method, ProcessKey, ProcessUsage,
-        ProgramStats,
-    },
+    cpu::{Comm, CpuReading, CpuSourceError, CpuTimeSource, Method, ProcessKey, ProgramStats},
     procinfo,
     topology::Topology,
 };
@@ -80,10 +85,10 @@ pub enum EbpfLoadError {
     ChildPidNamespace,
 }
 
-/// The oldest kernel the programs load on: task storage for tracing
-/// programs arrived in 5.11, BPF compare-and-exchange in 5.12. (Verified by
-/// booting Ubuntu 22.04's 5.15 and Debian 12's 6.1, and Debian 11's 5.10
-/// below it: `tests/tests/kernels.rs`.)
+/// The oldest kernel the programs load on (verified by booting Ubuntu
+/// 22.04's 5.15 and Debian 12's 6.1, and Debian 11's 5.10 below it:
+/// `tests/tests/kernels.rs`). The programs need 5.10 at most (running a raw
+/// tracepoint program on a chosen CPU); the floor stays where it was tested.
 pub const KERNEL_FLOOR: (u32, u32) = (5, 12);
 
 /// When `release` (as `uname -r` prints it) is older than the floor, a
@@ -127,104 +132,50 @@ pub fn kernel_offsets(btf: &btf::Btf) -> Result<KernelOffsets, btf::BtfError> {
     })
 }
 
-/// What the agent remembers of an `EXITED` entry between reads.
-#[derive(Clone, Debug, Default)]
-struct ExitedTrack {
-    /// Cumulative values already reported.
-    reported: [u64; MAX_SOCKETS],
-    /// `threads_exited` when the process was last checked for being alive.
-    threads_exited_checked: u64,
-    /// The process is confirmed gone; the entry is deleted on the next read
-    /// that finds it unchanged.
-    process_gone: bool,
-    /// Reads since the entry was deleted (the track is then forgotten).
-    deleted_reads: u32,
-    deleted: bool,
-}
-
 /// Options for the kernel programs.
 #[derive(Clone, Debug)]
 pub struct EbpfOptions {
     pub btf_path: PathBuf,
     pub procfs_root: PathBuf,
-    /// Entries of the `EXITED` map.
-    pub exited_map_capacity: u32,
-    /// Slots of `THREADS`: threads alive at once plus those ended since the
-    /// last read.
-    pub thread_slots: u32,
-    /// Entries of each ran list, when a diagnostic run sets
-    /// `POWERLENS_RAN_LIST_LEN` (e.g. to exercise the agent's read of every
-    /// slot when a list fills up); else from the slots and CPUs.
-    pub ran_list_len: Option<u32>,
+    /// Records per CPU log (a power of two; 0: sized for the CPUs).
+    pub switch_log_len: u32,
+    /// Entries of `OVERFLOW`.
+    pub overflow_map_capacity: u32,
 }
 
 impl EbpfOptions {
     pub fn new(
         btf_path: PathBuf,
         procfs_root: PathBuf,
-        exited_map_capacity: u32,
-        thread_slots: u32,
+        switch_log_len: u32,
+        overflow_map_capacity: u32,
     ) -> Self {
-        let ran_list_len = std::env::var("POWERLENS_RAN_LIST_LEN")
-            .ok()
-            .and_then(|text| text.parse::<u32>().ok())
-            .filter(|len| *len > 0);
         Self {
             btf_path,
             procfs_root,
-            exited_map_capacity,
-            thread_slots,
-            ran_list_len,
+            switch_log_len,
+            overflow_map_capacity,
         }
-    }
-}
-
-/// Sizes of the shared arrays for `slots` thread slots on `cpus` CPUs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SharedSizes {
-    pub slots: u32,
-    /// A power of two, at least `slots`.
-    pub free_ring: u32,
-    /// Entries per CPU and generation parity: twice a fair share of the
-    /// slots, within 1,024..=65,536. A CPU that lists more threads in one
-    /// generation makes the agent read every slot once (correct, slower).
-    pub ran_list_len: u32,
-    pub cpus: u32,
-}
-
-impl SharedSizes {
-    pub fn new(slots: u32, cpus: usize) -> Self {
-        let cpus = cpus.max(1) as u32;
-        let slots = slots.max(1);
-        Self {
-            slots,
-            free_ring: slots.next_power_of_two(),
-            ran_list_len: (slots.saturating_mul(2) / cpus).clamp(1024, 65_536),
-            cpus,
-        }
-    }
-
-    pub fn ran_lists(&self) -> u32 {
-        self.cpus * 2 * self.ran_list_len
     }
 }
 
 pub struct EbpfCpuSource {
     ebpf: Ebpf,
     cgroup_events: Option<aya::maps::RingBuf<MapData>>,
-    slots: SlotReader,
+    process_events: aya::maps::RingBuf<MapData>,
+    log: LogReader,
     loss_counts: SharedArray<LossCounts>,
     procfs_root: PathBuf,
-    exited: FxHashMap<ExitedKey, ExitedTrack>,
-    last_busy_ns: Vec<u64>,
-    /// In-progress slices per CPU at the previous read: already reported as
-    /// busy, and added to the kernel's per-CPU busy counter only when they
-    /// end.
-    last_in_progress_ns: Vec<u64>,
     /// Processes seen running and not yet known to have exited, by PID.
     live: FxHashMap<u32, u64>,
     reads: u64,
     clock_ticks_per_second: u64,
+    /// `switch_log_full` when `OVERFLOW` was last read.
+    switch_log_full_seen: u64,
+    /// When the logs were last drained or read, and how far the fullest
+    /// had filled since: sets the pace of drains between reads.
+    last_drain: Instant,
+    drain_period: Option<Duration>,
 }
 
 /// x86 keeps stores and loads in program order (TSO); every other CPU
@@ -236,20 +187,9 @@ const WEAKLY_ORDERED: u32 = if cfg!(any(target_arch = "x86_64", target_arch = "x
     1
 };
 
-/// CLOCK_BOOTTIME now, in ns (the clock of `task_struct.start_boottime`).
-fn boottime_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer; CLOCK_BOOTTIME exists since 2.6.39.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
-}
-
 /// Every this many reads, the live set is checked against `/proc` to retire
-/// processes whose end left no trace (every thread's last switch lists its
-/// slot, or adds to `EXITED`; only a full `EXITED` loses that). Listing
+/// processes whose end left no trace (every thread's last switch writes a
+/// record marked as its last; only a full `OVERFLOW` loses that). Listing
 /// /proc costs ~15 ms of CPU with 10,000 processes, hence the long period.
 const LIVENESS_SWEEP_EVERY: u64 = 60;
 
@@ -279,6 +219,8 @@ impl EbpfCpuSource {
                     (btf::KIND_FUNC, "bpf_iter_task"),
                     (btf::KIND_TYPEDEF, "btf_trace_sched_switch"),
                     (btf::KIND_TYPEDEF, "btf_trace_cgroup_mkdir"),
+                    (btf::KIND_TYPEDEF, "btf_trace_sched_process_fork"),
+                    (btf::KIND_TYPEDEF, "btf_trace_sched_process_exec"),
                 ]);
                 Ok((offsets, attach))
             })
@@ -294,44 +236,49 @@ impl EbpfCpuSource {
             }
         })?;
         drop((btf_bytes, attach_btf));
-        let cpu_table = topology.kernel_table();
-        let mut sizes = SharedSizes::new(options.thread_slots, topology.possible_cpus());
-        if let Some(len) = options.ran_list_len {
-            sizes.ran_list_len = len;
-        }
+        let cpus = topology.possible_cpus().max(1) as u32;
+        let log_len = match options.switch_log_len {
+            0 => agent_common::default_switch_log_len(cpus),
+            len => len.max(64).next_power_of_two(),
+        };
         let mut ebpf = loader
-            // aya has no user-space wrapper for task storage; we only ever
-            // reach it from the programs, so let aya create it as is.
-            .allow_unsupported_maps()
             .override_global(GLOBAL_OFFSETS, &offsets, true)
-            .override_global(GLOBAL_CPU_TO_SOCKET, &cpu_table, true)
-            .override_global(names::GLOBAL_SOCKETS, &(topology.sockets() as u32), true)
-            .override_global(names::GLOBAL_AGENT_START_BOOTTIME_NS, &boottime_ns(), true)
             .override_global(names::GLOBAL_WEAKLY_ORDERED, &WEAKLY_ORDERED, true)
-            .override_global(names::GLOBAL_THREAD_SLOTS, &sizes.slots, true)
-            .override_global(
-                names::GLOBAL_FREE_RING_MASK,
-                &(u64::from(sizes.free_ring) - 1),
-                true,
-            )
-            .override_global(names::GLOBAL_RAN_LIST_LEN, &sizes.ran_list_len, true)
-            .map_max_entries(names::EXITED, options.exited_map_capacity)
-            .map_max_entries(names::THREADS, sizes.slots)
-            .map_max_entries(names::FREE_SLOTS, sizes.free_ring)
-            .map_max_entries(names::RAN_LISTS, sizes.ran_lists())
-            .map_max_entries(names::CPU_LOG, sizes.cpus)
-            .map_max_entries(names::RUNNING, sizes.cpus)
+            .override_global(names::GLOBAL_SWITCH_LOG_LEN, &log_len, true)
+            .map_max_entries(names::SWITCH_LOG, cpus * log_len)
+            .map_max_entries(names::CPU_LOG, cpus)
+            .map_max_entries(names::RUNNING, cpus)
             .map_max_entries(names::CONTROL, 1)
-            .map_max_entries(names::LOSS_COUNTERS, sizes.cpus)
+            .map_max_entries(names::LOSS_COUNTERS, cpus)
+            .map_max_entries(names::OVERFLOW, options.overflow_map_capacity.max(1))
             .load(KERNEL_OBJECT)?;
-        let shared = map_shared(&ebpf, sizes)?;
-        let loss_counts = map_array(&ebpf, names::LOSS_COUNTERS, sizes.cpus)?;
+        let shared = SharedMaps {
+            log: map_array(&ebpf, names::SWITCH_LOG, cpus * log_len)?,
+            cpu_log: map_array(&ebpf, names::CPU_LOG, cpus)?,
+            control: map_array(&ebpf, names::CONTROL, 1)?,
+            running: map_array(&ebpf, names::RUNNING, cpus)?,
+            log_len: log_len as usize,
+        };
+        let loss_counts = map_array(&ebpf, names::LOSS_COUNTERS, cpus)?;
 
-        // 1. Baseline: past run time of existing threads is not ours to report.
-        load_iter(&mut ebpf, names::BASELINE_TASKS, &aya_btf)?;
-        run_iter(&mut ebpf, names::BASELINE_TASKS)?;
-        // 2. The switch path.
+        // 1. The switch path and the names of processes as they start.
         attach_tp_btf(&mut ebpf, names::SCHED_SWITCH, "sched_switch", &aya_btf)?;
+        attach_tp_btf(
+            &mut ebpf,
+            names::PROCESS_FORK,
+            "sched_process_fork",
+            &aya_btf,
+        )?;
+        attach_tp_btf(
+            &mut ebpf,
+            names::PROCESS_EXEC,
+            "sched_process_exec",
+            &aya_btf,
+        )?;
+        let process_events = take_ring(&mut ebpf, names::PROCESS_EVENTS)?;
+        // 2. Baseline: past run time of existing threads is not ours to report.
+        load_iter(&mut ebpf, names::BASELINE_TASKS, &aya_btf)?;
+        let baseline = run_iter(&mut ebpf, names::BASELINE_TASKS)?;
         // 3. The reader of running threads (run on demand, never attached).
         program::<RawTracePoint>(&mut ebpf, names::READ_RUNNING)?
             .load()
@@ -342,7 +289,14 @@ impl EbpfCpuSource {
         // 4. Cgroup names as they are made. Optional: without it, a
         //    container that lives less than an interval is charged to the
         //    host, as before.
-        let cgroup_events = match attach_cgroup_mkdir(&mut ebpf, &aya_btf) {
+        let cgroup_events = match attach_tp_btf(
+            &mut ebpf,
+            names::CGROUP_MKDIR,
+            "cgroup_mkdir",
+            &aya_btf,
+        )
+        .and_then(|()| take_ring(&mut ebpf, names::CGROUP_EVENTS))
+        {
             Ok(ring) => Some(ring),
             Err(error) => {
                 tracing::warn!(
@@ -353,33 +307,42 @@ impl EbpfCpuSource {
         };
 
         let clock_ticks_per_second = procinfo::clock_ticks_per_second();
-        let slots = SlotReader::new(
+        let procfs_root = options.procfs_root.clone();
+        let resolve_root = procfs_root.clone();
+        let mut log = LogReader::new(
             shared,
-            sizes.cpus as usize,
-            topology.sockets(),
+            cpus as usize,
+            (0..cpus as usize)
+                .map(|cpu| topology.socket_of(cpu as u32))
+                .collect(),
             clock_ticks_per_second,
+            Box::new(move |tgid| {
+                process_name_from_procfs(&resolve_root, tgid, clock_ticks_per_second)
+            }),
         );
-        drop(aya_btf);
+        log.baseline(&baseline);
+        let baseline_threads = baseline.len();
+        drop((aya_btf, baseline));
         release_free_memory();
         info!(
-            thread_slots = sizes.slots,
-            ran_list_len = sizes.ran_list_len,
-            "kernel programs loaded and attached (sched_switch, cgroup_mkdir)"
+            baseline_threads,
+            switch_log_len = log_len,
+            "kernel programs loaded and attached (sched_switch, sched_process_fork, sched_process_exec, cgroup_mkdir)"
         );
         Ok(Self {
             ebpf,
             cgroup_events,
-            slots,
+            process_events,
+            log,
             loss_counts,
-            procfs_root: options.procfs_root.clone(),
-            exited: FxHashMap::default(),
-            // The kernel's busy counters start at zero when sched_switch is
-            // attached: the first read's busy time is all since then.
-            last_busy_ns: vec![0; sizes.cpus as usize],
-            last_in_progress_ns: vec![0; sizes.cpus as usize],
+            procfs_root,
             live: FxHashMap::default(),
             reads: 0,
             clock_ticks_per_second,
+            switch_log_full_seen: 0,
+            last_drain: Instant::now(),
+            // Until the first read has measured the pace of switches.
+            drain_period: Some(Duration::from_millis(100)),
         })
     }
 
@@ -425,81 +388,91 @@ impl EbpfCpuSource {
             .collect()
     }
 
-    /// Reads `EXITED` (the time of threads that had no slot, keyed by
-    /// process): reports what grew since the last read, confirms which
-    /// processes are gone, and deletes entries that can no longer grow.
-    fn drain_exited(&mut self, reading: &mut CpuReading) -> Result<(), CpuSourceError> {
-        let map = self
-            .ebpf
-            .map_mut(names::EXITED)
-            .ok_or(CpuSourceError::Map {
-                map: names::EXITED,
-                message: "missing".into(),
-            })?;
-        let mut exited: BpfHashMap<&mut MapData, ExitedKey, ExitedValue> =
-            BpfHashMap::try_from(map).map_err(|e| map_error(names::EXITED, e))?;
-        let entries: Vec<(ExitedKey, ExitedValue)> = exited.iter().filter_map(Result::ok).collect();
-        let mut present = HashSet::with_capacity(entries.len());
-        for (key, value) in entries {
-            present.insert(key);
-            let track = self.exited.entry(key).or_default();
-            if track.deleted {
-                // The entry came back after we deleted it (a thread's last
-                // flush raced our delete): everything in it is new.
-                *track = ExitedTrack::default();
-            }
-            let mut delta = [0u64; MAX_SOCKETS];
-            for ((delta, reported), now) in delta
-                .iter_mut()
-                .zip(track.reported.iter_mut())
-                .zip(value.runtime_ns_by_socket)
-            {
-                *delta = now.saturating_sub(*reported);
-                *reported = (*reported).max(now);
-            }
-            let grew = delta.iter().any(|d| *d > 0);
-            let process =
-                ProcessKey::at_tick(key.tgid, key.process_start_ns, self.clock_ticks_per_second);
-            if grew {
-                reading.usage.push(ProcessUsage {
-                    key: process,
-                    comm: Comm(value.comm),
-                    cgroup_id: value.cgroup_id,
-                    runtime_ns_by_socket: delta,
-                });
-            }
-            if track.process_gone && !grew {
-                // Gone a full read ago and unchanged since: nothing can add
-                // to it any more.
-                if exited.remove(&key).is_ok() {
-                    track.deleted = true;
-                }
-            } else if !track.process_gone && value.threads_exited != track.threads_exited_checked {
-                // A thread ended since we last looked: is it the whole process?
-                track.threads_exited_checked = value.threads_exited;
-                let alive = procinfo::process_alive(
-                    &self.procfs_root,
-                    key.tgid,
-                    key.process_start_ns,
-                    self.clock_ticks_per_second,
-                );
-                if !alive {
-                    track.process_gone = true;
-                    reading.exited.push(process);
-                    self.live.remove(&key.tgid);
-                }
+    /// What `OVERFLOW` holds, when a switch found its log full since the
+    /// last look. Entries are deleted once read, unless switches went on
+    /// overflowing meanwhile (a delete could then take a newer record than
+    /// the one read): those are read again next time, which adds nothing
+    /// twice (records are absolute). A thread's last record is deleted in
+    /// any case: nothing can follow it.
+    fn drain_overflow(&mut self) -> Result<Vec<(SwitchRecord, u32)>, CpuSourceError> {
+        let full_now = self.loss_count(LossCounter::SwitchLogFull);
+        if full_now == self.switch_log_full_seen {
+            return Ok(Vec::new());
+        }
+        let entries: Vec<(OverflowKey, OverflowValue)> =
+            self.overflow_map()?.iter().filter_map(Result::ok).collect();
+        let full_after = self.loss_count(LossCounter::SwitchLogFull);
+        let quiet = full_after == full_now;
+        let mut overflow = self.overflow_map()?;
+        for (key, value) in &entries {
+            if quiet || value.record.ended() {
+                let _ = overflow.remove(key);
             }
         }
-        // Forget deleted tracks after a few reads.
-        self.exited.retain(|key, track| {
-            if track.deleted && !present.contains(key) {
-                track.deleted_reads += 1;
-                track.deleted_reads < 60
-            } else {
-                true
+        if quiet {
+            self.switch_log_full_seen = full_after;
+        }
+        Ok(entries
+            .into_iter()
+            .map(|(_, value)| (value.record, value.cpu))
+            .collect())
+    }
+
+    fn overflow_map(
+        &mut self,
+    ) -> Result<BpfHashMap<&mut MapData, OverflowKey, OverflowValue>, CpuSourceError> {
+        let map = self
+            .ebpf
+            .map_mut(names::OVERFLOW)
+            .ok_or(CpuSourceError::Map {
+                map: names::OVERFLOW,
+                message: "missing".into(),
+            })?;
+        BpfHashMap::try_from(map).map_err(|e| map_error(names::OVERFLOW, e))
+    }
+
+    fn loss_count(&self, counter: LossCounter) -> u64 {
+        (0..self.loss_counts.len())
+            .filter_map(|cpu| self.loss_counts.at(cpu))
+            // SAFETY: an aligned u64 of a CPU's entry, which the kernel only
+            // adds to atomically.
+            .map(|counts| unsafe {
+                std::sync::atomic::AtomicU64::from_ptr(&raw mut (*counts).counts[counter as usize])
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .sum()
+    }
+
+    /// New processes' names, from `PROCESS_EVENTS`.
+    fn drain_process_events(&mut self) {
+        while let Some(item) = self.process_events.next() {
+            if item.len() < size_of::<ProcessStarted>() {
+                continue;
             }
+            // SAFETY: the programs write whole ProcessStarted records.
+            let event: ProcessStarted = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            self.log.name_process(
+                event.tgid,
+                ProcessName {
+                    start_ns: event.start_ns,
+                    comm: Comm(event.comm),
+                },
+            );
+        }
+    }
+
+    /// Sets when the logs next need a drain before the next read: when the
+    /// fullest filled past a quarter of its length since the last drain,
+    /// drain at the pace that keeps it there.
+    fn pace_drains(&mut self, fullest: usize) {
+        let elapsed = self.last_drain.elapsed();
+        self.last_drain = Instant::now();
+        let quarter = self.log.log_len() / 4;
+        self.drain_period = (fullest > quarter && fullest > 0).then(|| {
+            elapsed
+                .mul_f64(quarter as f64 / fullest as f64)
+                .max(Duration::from_millis(5))
         });
-        Ok(())
     }
 
     fn sweep_liveness(&mut self, reading: &mut CpuReading) {
@@ -507,6 +480,7 @@ impl EbpfCpuSource {
             return;
         };
         let pids: HashSet<u32> = pids.into_iter().collect();
+        self.log.retain_processes(|pid| pids.contains(&pid));
         self.live.retain(|pid, start_ns| {
             let alive = pids.contains(pid);
             if !alive {
@@ -525,32 +499,53 @@ impl CpuTimeSource for EbpfCpuSource {
         Method::Ebpf
     }
 
+    fn drain_period(&self) -> Option<Duration> {
+        self.drain_period
+    }
+
+    fn drain(&mut self) {
+        let fullest = self.log.fullest_log();
+        self.drain_process_events();
+        self.log.drain();
+        self.pace_drains(fullest);
+    }
+
     fn read(&mut self) -> Result<CpuReading, CpuSourceError> {
         self.reads += 1;
         let mut reading = CpuReading::default();
+        self.drain_process_events();
+        let overflow = self.drain_overflow().unwrap_or_else(|error| {
+            reading.errors.push(error.to_string());
+            Vec::new()
+        });
+        let fullest = self.log.fullest_log();
         let running = self
             .ebpf
             .program(names::READ_RUNNING)
             .and_then(|program| <&RawTracePoint>::try_from(program).ok());
-        let slots = self.slots.read(&mut |cpu| {
-            let program =
-                running.ok_or_else(|| std::io::Error::other("read_running not loaded"))?;
-            program
-                .test_run(RawTracePointRunOptions {
-                    cpu: Some(cpu),
-                    ..RawTracePointRunOptions::new()
-                })
-                .map(drop)
-                .map_err(|error| match error {
-                    ProgramError::SyscallError(error) => error.io_error,
-                    other => std::io::Error::other(other.to_string()),
-                })
-        });
-        reading.errors.extend(slots.errors);
-        reading.threads_read = slots.visited as u64;
+        let log = self.log.read(
+            &mut |cpu| {
+                let program =
+                    running.ok_or_else(|| std::io::Error::other("read_running not loaded"))?;
+                program
+                    .test_run(RawTracePointRunOptions {
+                        cpu: Some(cpu),
+                        ..RawTracePointRunOptions::new()
+                    })
+                    .map(drop)
+                    .map_err(|error| match error {
+                        ProgramError::SyscallError(error) => error.io_error,
+                        other => std::io::Error::other(other.to_string()),
+                    })
+            },
+            &overflow,
+        );
+        self.pace_drains(fullest);
+        reading.errors.extend(log.errors);
+        reading.threads_read = log.records as u64;
         // A PID is checked for reuse when a thread of it is first seen, not
         // at every report.
-        for process in slots.threads_new {
+        for process in log.threads_new {
             match self.live.insert(process.pid, process.start_ns) {
                 // The PID was reused: the old process is gone.
                 Some(old_start) if old_start != process.start_ns => {
@@ -562,9 +557,9 @@ impl CpuTimeSource for EbpfCpuSource {
                 _ => {}
             }
         }
-        reading.usage = slots.usage;
+        reading.usage = log.usage;
         // A thread ended: is it the whole process?
-        for process in slots.threads_ended {
+        for process in log.threads_ended {
             let alive = procinfo::process_alive(
                 &self.procfs_root,
                 process.pid,
@@ -573,27 +568,21 @@ impl CpuTimeSource for EbpfCpuSource {
             );
             if !alive {
                 reading.exited.push(process);
+                self.log.forget_process(process.pid, process.start_ns);
                 if self.live.get(&process.pid) == Some(&process.start_ns) {
                     self.live.remove(&process.pid);
                 }
             }
         }
-
-        if let Err(error) = self.drain_exited(&mut reading) {
-            reading.errors.push(error.to_string());
-        }
         if self.reads.is_multiple_of(LIVENESS_SWEEP_EVERY) {
             self.sweep_liveness(&mut reading);
         }
-        reading.busy_ns_by_cpu = busy_deltas(
-            &self.last_busy_ns,
-            &slots.busy_ns_by_cpu,
-            &self.last_in_progress_ns,
-            &slots.in_progress_by_cpu,
-        );
-        self.last_busy_ns = slots.busy_ns_by_cpu;
-        self.last_in_progress_ns = slots.in_progress_by_cpu;
+        debug!(busy = ?log.busy_ns_by_cpu, records = log.records, "switch logs read");
+        reading.busy_ns_by_cpu = log.busy_ns_by_cpu;
         reading.losses = self.read_losses();
+        reading
+            .losses
+            .push(("processes_named_from_procfs", log.unnamed as u64));
         reading.programs = self.program_stats();
         if let Some(ring) = &mut self.cgroup_events {
             while let Some(item) = ring.next() {
@@ -618,23 +607,15 @@ impl CpuTimeSource for EbpfCpuSource {
     }
 }
 
-/// Busy time per CPU since the previous read: what the kernel counted at
-/// switches, plus the slices running now, minus the slices that were running
-/// at the previous read (reported then, counted by the kernel when they end).
-pub fn busy_deltas(
-    busy_before: &[u64],
-    busy_now: &[u64],
-    in_progress_before: &[u64],
-    in_progress_now: &[u64],
-) -> Vec<u64> {
-    busy_now
-        .iter()
-        .enumerate()
-        .map(|(cpu, now)| {
-            let at = |v: &[u64]| v.get(cpu).copied().unwrap_or(0);
-            (now + at(in_progress_now)).saturating_sub(at(busy_before) + at(in_progress_before))
-        })
-        .collect()
+/// A process's start and name from `/proc/<tgid>/stat`, for one no event
+/// named (its event was dropped, or it started while the programs were
+/// being attached).
+fn process_name_from_procfs(root: &Path, tgid: u32, ticks_per_second: u64) -> Option<ProcessName> {
+    let stat = procinfo::read_stat(root, tgid)?;
+    Some(ProcessName {
+        start_ns: procinfo::ticks_to_ns(stat.starttime, ticks_per_second),
+        comm: Comm::from_str_lossy(&stat.comm),
+    })
 }
 
 fn map_error(map: &'static str, error: impl std::fmt::Display) -> CpuSourceError {
@@ -644,22 +625,21 @@ fn map_error(map: &'static str, error: impl std::fmt::Display) -> CpuSourceError
     }
 }
 
-/// Loads and attaches the `cgroup_mkdir` program and takes its ring buffer.
-fn attach_cgroup_mkdir(
+/// Takes the ring buffer `name` out of the object.
+fn take_ring(
     ebpf: &mut Ebpf,
-    btf: &Btf,
+    name: &'static str,
 ) -> Result<aya::maps::RingBuf<MapData>, EbpfLoadError> {
-    attach_tp_btf(ebpf, names::CGROUP_MKDIR, "cgroup_mkdir", btf)?;
-    let map = ebpf
-        .take_map(names::CGROUP_EVENTS)
-        .ok_or(EbpfLoadError::MissingProgram(names::CGROUP_EVENTS))?;
+    let map = ebpf.take_map(name).ok_or(EbpfLoadError::Map {
+        map: name,
+        message: "missing from the object".into(),
+    })?;
     aya::maps::RingBuf::try_from(map).map_err(|e| EbpfLoadError::Map {
-        map: names::CGROUP_EVENTS,
+        map: name,
         message: e.to_string(),
     })
 }
 
-/// The task iterator program `name` of the object.
 /// The program `name` of the object, as the kind `T` it must be.
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, EbpfLoadError>
 where
@@ -701,9 +681,8 @@ fn load_iter(ebpf: &mut Ebpf, name: &'static str, btf: &Btf) -> Result<(), EbpfL
         })
 }
 
-/// Runs a loaded task iterator once to its end (its programs write
-/// nothing, so the output is only drained).
-fn run_iter(ebpf: &mut Ebpf, name: &'static str) -> Result<(), EbpfLoadError> {
+/// Runs the loaded baseline iterator once and returns what it wrote.
+fn run_iter(ebpf: &mut Ebpf, name: &'static str) -> Result<Vec<BaselineThread>, EbpfLoadError> {
     let program = program::<Iter>(ebpf, name)?;
     let link_id = program.attach().map_err(|source| EbpfLoadError::Program {
         program: name,
@@ -718,9 +697,14 @@ fn run_iter(ebpf: &mut Ebpf, name: &'static str) -> Result<(), EbpfLoadError> {
     let mut file = link
         .into_file()
         .map_err(|e| EbpfLoadError::Iterator(e.to_string()))?;
-    std::io::copy(&mut file, &mut std::io::sink())
-        .map(drop)
-        .map_err(|e| EbpfLoadError::Iterator(format!("reading {name}: {e}")))
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut file, &mut bytes)
+        .map_err(|e| EbpfLoadError::Iterator(format!("reading {name}: {e}")))?;
+    Ok(bytes
+        .chunks_exact(size_of::<BaselineThread>())
+        // SAFETY: the program writes whole BaselineThread records.
+        .map(|chunk| unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast()) })
+        .collect())
 }
 
 /// The first `len` elements of the object's mmapable array `name`.
@@ -737,19 +721,6 @@ fn map_array<T: Copy + Default>(
     };
     SharedArray::map(data.fd().as_fd(), len as usize)
         .map_err(|e| error(format!("mapping it into memory: {e}")))
-}
-
-/// Maps the arrays the kernel programs share with the agent.
-fn map_shared(ebpf: &Ebpf, sizes: SharedSizes) -> Result<SharedMaps, EbpfLoadError> {
-    Ok(SharedMaps {
-        threads: map_array(ebpf, names::THREADS, sizes.slots)?,
-        free_ring: map_array(ebpf, names::FREE_SLOTS, sizes.free_ring)?,
-        ran_lists: map_array(ebpf, names::RAN_LISTS, sizes.ran_lists())?,
-        cpu_log: map_array(ebpf, names::CPU_LOG, sizes.cpus)?,
-        control: map_array(ebpf, names::CONTROL, 1)?,
-        running: map_array(ebpf, names::RUNNING, sizes.cpus)?,
-        ran_list_len: sizes.ran_list_len as usize,
-    })
 }
 
 /// Hands memory freed after loading back to the kernel, so the resident
@@ -784,18 +755,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn shared_sizes_follow_the_slots_and_cpus() {
-        let sizes = SharedSizes::new(131_072, 2);
-        assert_eq!(sizes.free_ring, 131_072);
-        assert_eq!(sizes.ran_list_len, 65_536);
-        assert_eq!(sizes.ran_lists(), 2 * 2 * 65_536);
-        let big = SharedSizes::new(100_000, 256);
-        assert_eq!(big.free_ring, 131_072, "a power of two at least the slots");
-        assert_eq!(big.ran_list_len, 1024, "never under 1,024 per CPU");
-        assert_eq!(SharedSizes::new(0, 0).slots, 1);
-    }
-
-    #[test]
     fn kernels_below_the_floor_are_named() {
         assert!(
             below_kernel_floor("5.10.0-32-cloud-amd64")
@@ -809,12 +768,19 @@ mod tests {
     }
 
     #[test]
-    fn busy_counts_a_running_slice_once() {
-        // Read 1: CPU 0 ran 10 ms at switches and has a 5 ms slice running.
-        assert_eq!(busy_deltas(&[0], &[10], &[0], &[5]), vec![15]);
-        // Read 2: that slice ended at 8 ms (the kernel counted 8) and nothing
-        // runs now: only the 3 ms not reported before are new.
-        assert_eq!(busy_deltas(&[10], &[18], &[5], &[0]), vec![3]);
+    fn switch_logs_are_sized_to_8_mib_within_bounds() {
+        let len = agent_common::default_switch_log_len;
+        assert_eq!(len(0), 8_192);
+        assert_eq!(len(2), 8_192);
+        assert_eq!(len(25), 8_192);
+        assert_eq!(len(32), 4_096);
+        assert_eq!(len(64), 2_048);
+        assert_eq!(len(128), 2_048);
+        assert_eq!(len(1_024), 2_048, "never under 2,048");
+        for cpus in [1, 3, 24, 48, 96, 100] {
+            assert!(len(cpus).is_power_of_two());
+            assert!(u64::from(len(cpus)) * 40 * u64::from(cpus) <= 8 << 20 || len(cpus) == 2_048);
+        }
     }
 
     #[test]

@@ -1,34 +1,35 @@
-//! Reading the thread slots the kernel programs share with the agent.
+//! Reading the switch logs the kernel programs share with the agent.
 //!
-//! The kernel keeps one `ThreadSlot` per thread in `THREADS` and, on a
-//! thread's first switch of a read generation, appends its slot to its CPU's
-//! ran list. All of it is mapped into the agent's memory, so a read costs
-//! one visit per thread that ran (no system call per thread) plus one
-//! `read_running` call per busy CPU; threads that slept are not touched.
+//! Each CPU's `sched_switch` appends a `SwitchRecord` to its log: the
+//! thread, its absolute run time and its cgroup. The logs are mapped into
+//! the agent's memory, so reading them costs one visit per switch and no
+//! system call; a thread that slept is not touched. A thread's slice is the
+//! growth of its run time since its previous record, whichever CPU wrote
+//! that one. Records of one thread are ordered by their run time only, so
+//! each drain sorts them; an older record that comes in a later read (it
+//! was written while the logs were being read) adds nothing, and the slice
+//! the newer one took for its CPU is handed back to the CPU it ran on.
 //!
-//! A read (generation G → G+1):
-//! 1. the tails of the G−1 lists appended after the last read looked (a
-//!    switch that overlapped that read), then those lists are emptied for
-//!    reuse;
-//! 2. the generation moves to G+1: switches from now on list into the
-//!    other parity;
-//! 3. each busy CPU reports the slice of the thread running there;
-//! 4. the G lists are read.
+//! A read (`LogReader::read`):
+//! 1. new processes' names (the caller drains `PROCESS_EVENTS`);
+//! 2. each CPU's records up to the count read at the start, then the count
+//!    is handed back (`CpuLog::consumed`) so the kernel reuses the room;
+//! 3. each busy CPU's running thread (`read_running`);
+//! 4. records that went to `OVERFLOW` while a log was full (the caller
+//!    passes them).
 //!
-//! The agent keeps, per slot, what it already reported; a slot's figures
-//! only grow, so each visit reports the growth. Exited slots are zeroed and
-//! returned through the free ring.
+//! Between reads, `drain` does step 2 alone, when a log fills faster than
+//! the interval empties it.
 
 use std::{
     io,
     os::fd::BorrowedFd,
     ptr::NonNull,
-    sync::atomic::{AtomicU32, AtomicU64, Ordering},
+    sync::atomic::{AtomicU64, Ordering},
 };
 
-use agent_common::{
-    Control, CpuLog, MAX_SOCKETS, RunningThread, SLOT_EXITED, SLOT_FREE, SLOT_LIVE, ThreadSlot,
-};
+use agent_common::{BaselineThread, Control, CpuLog, MAX_SOCKETS, RunningThread, SwitchRecord};
+use rustc_hash::FxHashMap;
 
 use crate::cpu::{Comm, ProcessKey, ProcessUsage};
 
@@ -205,126 +206,259 @@ fn u64_at(place: *mut u64) -> &'static AtomicU64 {
     unsafe { AtomicU64::from_ptr(place) }
 }
 
-fn u32_at(place: *mut u32) -> &'static AtomicU32 {
-    // SAFETY: as for u64_at.
-    unsafe { AtomicU32::from_ptr(place) }
-}
-
 /// The shared arrays, as the kernel programs see them.
 pub struct SharedMaps {
-    pub threads: SharedArray<ThreadSlot>,
-    pub free_ring: SharedArray<u64>,
-    pub ran_lists: SharedArray<u64>,
+    /// CPUs × `log_len` records.
+    pub log: SharedArray<SwitchRecord>,
     pub cpu_log: SharedArray<CpuLog>,
     pub control: SharedArray<Control>,
     pub running: SharedArray<RunningThread>,
-    /// Entries of one CPU's list of one parity.
-    pub ran_list_len: usize,
+    /// Records per CPU log (a power of two).
+    pub log_len: usize,
 }
 
-/// What one read of the slots found.
+/// What one read found.
 #[derive(Debug, Default)]
-pub struct SlotsReading {
-    /// Growth of each thread that ran (one entry per thread visited with
-    /// anything new).
+pub struct LogReading {
+    /// Growth per process and cgroup since the previous read.
     pub usage: Vec<ProcessUsage>,
     /// Processes one of whose threads ended (each once per read).
     pub threads_ended: Vec<ProcessKey>,
-    /// Processes of threads reported for the first time (new slots).
+    /// Processes of threads seen for the first time.
     pub threads_new: Vec<ProcessKey>,
-    /// Run time of the slice in progress on each CPU.
-    pub in_progress_by_cpu: Vec<u64>,
-    /// Busy time each CPU's switches charged so far (the kernel's counter).
+    /// Run time charged to each CPU since the previous read.
     pub busy_ns_by_cpu: Vec<u64>,
-    /// Slots visited (ran lists, running threads, or the scan).
-    pub visited: usize,
-    /// A ran list had filled up: every slot was read.
-    pub scanned: bool,
+    /// Records read (logs, running threads, overflow).
+    pub records: usize,
+    /// Processes whose name no event gave (looked up in procfs).
+    pub unnamed: usize,
     /// CPUs whose running thread could not be asked for, with the reason.
     pub errors: Vec<String>,
 }
 
-pub struct SlotReader {
-    maps: SharedMaps,
-    cpus: usize,
-    sockets: usize,
-    clock_ticks_per_second: u64,
-    /// What was reported per slot and socket (`sockets` per slot).
-    reported: Vec<u64>,
-    /// Per CPU, entries of the previous generation's list already read.
-    consumed: Vec<u64>,
-    generation: u64,
+/// A process's name and start, from `PROCESS_EVENTS`, the baseline, or
+/// procfs.
+#[derive(Clone, Copy, Debug)]
+pub struct ProcessName {
+    pub start_ns: u64,
+    pub comm: Comm,
 }
 
-impl SlotReader {
-    pub fn new(maps: SharedMaps, cpus: usize, sockets: usize, clock_ticks_per_second: u64) -> Self {
-        let sockets = sockets.clamp(1, MAX_SOCKETS);
-        let slots = maps.threads.len();
-        // Generations start at 1: a slot is claimed with generation 0 in
-        // `listed_generation`, so its first switch always lists it.
-        let generation = 1;
-        if let Some(control) = maps.control.at(0) {
-            // SAFETY: the single control entry.
-            u64_at(unsafe { &raw mut (*control).generation }).store(generation, Ordering::SeqCst);
-        }
+/// What the agent keeps per thread: its run time at its newest record,
+/// and, for handing a slice back to the CPU it ran on, the one before and
+/// the CPU of the newest.
+#[derive(Clone, Copy, Debug)]
+struct ThreadTrack {
+    tgid: u32,
+    last_ns: u64,
+    previous_ns: u64,
+    last_cpu: u32,
+    /// The read that last changed it.
+    read: u64,
+}
+
+/// A thread: its task address and start time.
+type ThreadId = (u64, u64);
+
+pub struct LogReader {
+    maps: SharedMaps,
+    cpus: usize,
+    socket_of_cpu: Vec<usize>,
+    clock_ticks_per_second: u64,
+    threads: FxHashMap<ThreadId, ThreadTrack>,
+    /// Threads whose last record was read, with the read: an older record
+    /// of theirs read later (from another CPU's log) must not bring them
+    /// back as new.
+    ended: FxHashMap<ThreadId, u64>,
+    processes: FxHashMap<u32, ProcessName>,
+    /// Names a process no event named (procfs, in the agent).
+    resolve: Box<dyn FnMut(u32) -> Option<ProcessName> + Send>,
+    /// Per CPU, records read so far.
+    consumed: Vec<u64>,
+    /// Records of one drain, sorted (kept to reuse its memory).
+    batch: Vec<(SwitchRecord, u32)>,
+    /// What drains between reads gathered for the next read.
+    pending: Pending,
+    read: u64,
+}
+
+#[derive(Default)]
+struct Pending {
+    /// Index into `usage` per (tgid, start, cgroup).
+    index: FxHashMap<(u32, u64, u64), usize>,
+    usage: Vec<ProcessUsage>,
+    threads_ended: Vec<ProcessKey>,
+    threads_new: Vec<ProcessKey>,
+    busy_ns_by_cpu: Vec<u64>,
+    records: usize,
+    unnamed: usize,
+}
+
+/// Reads after which an ended thread's older records can no longer come.
+const ENDED_KEPT_READS: u64 = 3;
+
+impl LogReader {
+    pub fn new(
+        maps: SharedMaps,
+        cpus: usize,
+        socket_of_cpu: Vec<usize>,
+        clock_ticks_per_second: u64,
+        resolve: Box<dyn FnMut(u32) -> Option<ProcessName> + Send>,
+    ) -> Self {
         Self {
+            resolve,
             maps,
             cpus,
-            sockets,
+            socket_of_cpu,
             clock_ticks_per_second,
-            // Zeroed allocation: pages are touched only for slots in use.
-            reported: vec![0; slots * sockets],
+            threads: FxHashMap::default(),
+            ended: FxHashMap::default(),
+            processes: FxHashMap::default(),
             consumed: vec![0; cpus],
-            generation,
+            batch: Vec::new(),
+            pending: Pending {
+                busy_ns_by_cpu: vec![0; cpus],
+                ..Pending::default()
+            },
+            read: 0,
         }
     }
 
-    fn log(&self, cpu: usize) -> Option<*mut CpuLog> {
-        self.maps.cpu_log.at(cpu)
+    /// Existing threads at start: their run time so far is not ours.
+    pub fn baseline(&mut self, threads: &[BaselineThread]) {
+        for thread in threads {
+            let record = &thread.record;
+            if record.task == 0 {
+                continue;
+            }
+            self.processes.entry(record.tgid()).or_insert(ProcessName {
+                start_ns: thread.process_start_ns,
+                comm: Comm(thread.comm),
+            });
+            self.threads
+                .entry(record.thread())
+                .and_modify(|track| track.last_ns = track.last_ns.max(record.runtime_ns))
+                .or_insert(ThreadTrack {
+                    tgid: record.tgid(),
+                    last_ns: record.runtime_ns,
+                    previous_ns: record.runtime_ns,
+                    last_cpu: u32::MAX,
+                    read: 0,
+                });
+        }
     }
 
-    /// One read. `ask_running(cpu)` runs `read_running` on that CPU.
-    pub fn read(&mut self, ask_running: &mut dyn FnMut(u32) -> io::Result<()>) -> SlotsReading {
-        let mut out = SlotsReading {
-            in_progress_by_cpu: vec![0; self.cpus],
-            busy_ns_by_cpu: vec![0; self.cpus],
-            ..SlotsReading::default()
-        };
-        let mut scan = false;
-        let current = self.generation;
-        let previous_parity = ((current + 1) & 1) as usize;
-        let current_parity = (current & 1) as usize;
+    /// A process started or ran `execve` (or was looked up in procfs).
+    pub fn name_process(&mut self, tgid: u32, name: ProcessName) {
+        self.processes.insert(tgid, name);
+    }
 
-        // 1. Tails of the previous generation's lists; then empty them.
-        for cpu in 0..self.cpus {
-            let Some(log) = self.log(cpu) else { continue };
-            // SAFETY: this CPU's log entry.
-            let (listed, overflowed) = unsafe {
-                (
-                    u64_at(&raw mut (*log).listed[previous_parity]),
-                    u32_at(&raw mut (*log).overflowed[previous_parity]),
-                )
-            };
-            let end = listed.load(Ordering::Acquire);
-            self.visit_list(cpu, previous_parity, self.consumed[cpu], end, &mut out);
-            scan |= overflowed.load(Ordering::Relaxed) != 0;
-            listed.store(0, Ordering::Relaxed);
-            overflowed.store(0, Ordering::Relaxed);
+    /// Forgets a process that is gone.
+    pub fn forget_process(&mut self, tgid: u32, start_ns: u64) {
+        if self
+            .processes
+            .get(&tgid)
+            .is_some_and(|name| self.key_of(tgid, name.start_ns).start_ns == start_ns)
+        {
+            self.processes.remove(&tgid);
         }
+    }
 
-        // 2. A new generation.
-        let next = current + 1;
+    /// Keeps only threads of processes `alive` says exist (a thread whose
+    /// last record was dropped would be kept forever otherwise).
+    pub fn retain_processes(&mut self, alive: impl Fn(u32) -> bool) {
+        self.processes.retain(|tgid, _| alive(*tgid));
+        self.threads.retain(|_, track| alive(track.tgid));
+    }
+
+    pub fn threads_tracked(&self) -> usize {
+        self.threads.len()
+    }
+
+    fn key_of(&self, tgid: u32, start_ns: u64) -> ProcessKey {
+        ProcessKey::at_tick(tgid, start_ns, self.clock_ticks_per_second)
+    }
+
+    /// Records written but not read yet, per CPU, at most.
+    pub fn fullest_log(&self) -> usize {
+        (0..self.cpus)
+            .map(|cpu| self.written(cpu).saturating_sub(self.consumed[cpu]) as usize)
+            .max()
+            .unwrap_or(0)
+    }
+
+    pub fn log_len(&self) -> usize {
+        self.maps.log_len
+    }
+
+    fn written(&self, cpu: usize) -> u64 {
+        match self.maps.cpu_log.at(cpu) {
+            // SAFETY: this CPU's log header.
+            Some(log) => u64_at(unsafe { &raw mut (*log).written }).load(Ordering::Acquire),
+            None => 0,
+        }
+    }
+
+    /// Reads every CPU's log as far as it is written, into the next read.
+    ///
+    /// A thread's records are spread over the logs of the CPUs it ran on;
+    /// a record's slice is the growth since the thread's previous record,
+    /// and ran on the CPU of the record. So the records are sorted by
+    /// thread and run time before they are charged: read log by log, a
+    /// thread that went back and forth between two CPUs would have its
+    /// slices charged to whichever log came first.
+    pub fn drain(&mut self) {
+        let written: Vec<u64> = (0..self.cpus).map(|cpu| self.written(cpu)).collect();
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.clear();
+        for (cpu, written) in written.into_iter().enumerate() {
+            let from = self.consumed[cpu];
+            // The kernel never writes more than a log's length ahead.
+            let from = from.max(written.saturating_sub(self.maps.log_len as u64));
+            for number in from..written {
+                let at = cpu * self.maps.log_len + (number as usize & (self.maps.log_len - 1));
+                let Some(entry) = self.maps.log.at(at) else {
+                    break;
+                };
+                // SAFETY: a record the kernel finished before moving
+                // `written` past it (acquire above), and will not reuse
+                // until we hand the count back below.
+                batch.push((unsafe { std::ptr::read_volatile(entry) }, cpu as u32));
+            }
+            self.consumed[cpu] = written;
+            if let Some(log) = self.maps.cpu_log.at(cpu) {
+                // SAFETY: this CPU's log header.
+                u64_at(unsafe { &raw mut (*log).consumed }).store(written, Ordering::Release);
+            }
+        }
+        batch.sort_unstable_by_key(|(record, _)| {
+            (record.task, record.thread_start_ns, record.runtime_ns)
+        });
+        for (record, cpu) in &batch {
+            self.apply(record, *cpu as usize);
+        }
+        self.batch = batch;
+    }
+
+    /// One read. `ask_running(cpu)` runs `read_running` on that CPU;
+    /// `overflow` holds what `OVERFLOW` had (record, CPU).
+    pub fn read(
+        &mut self,
+        ask_running: &mut dyn FnMut(u32) -> io::Result<()>,
+        overflow: &[(SwitchRecord, u32)],
+    ) -> LogReading {
+        self.read += 1;
         if let Some(control) = self.maps.control.at(0) {
             // SAFETY: the single control entry.
-            u64_at(unsafe { &raw mut (*control).generation }).store(next, Ordering::SeqCst);
+            u64_at(unsafe { &raw mut (*control).read }).store(self.read, Ordering::SeqCst);
         }
-        self.generation = next;
-
-        // 3. The threads running now, before anything is freed below (a
-        //    running thread's slot is its own until it ends).
+        self.drain();
+        let mut errors = Vec::new();
         for cpu in 0..self.cpus {
-            let Some(log) = self.log(cpu) else { continue };
-            // SAFETY: this CPU's log entry.
+            let Some(log) = self.maps.cpu_log.at(cpu) else {
+                continue;
+            };
+            // SAFETY: this CPU's log header.
             let (current_task, idle_task) = unsafe {
                 (
                     u64_at(&raw mut (*log).current_task).load(Ordering::Relaxed),
@@ -338,215 +472,176 @@ impl SlotReader {
                 // Offline CPUs refuse; their threads report at the next
                 // switch anyway.
                 if error.raw_os_error() != Some(libc::ENXIO) {
-                    out.errors
-                        .push(format!("reading the running thread of CPU {cpu}: {error}"));
+                    errors.push(format!("reading the running thread of CPU {cpu}: {error}"));
                 }
                 continue;
             }
-            self.apply_running(cpu, next, &mut out);
-        }
-
-        // 4. The lists of the generation that just ended.
-        for cpu in 0..self.cpus {
-            let Some(log) = self.log(cpu) else { continue };
-            // SAFETY: this CPU's log entry.
-            let (listed, overflowed, busy) = unsafe {
-                (
-                    u64_at(&raw mut (*log).listed[current_parity]),
-                    u32_at(&raw mut (*log).overflowed[current_parity]),
-                    u64_at(&raw mut (*log).busy_ns),
-                )
+            let Some(running) = self.maps.running.at(cpu) else {
+                continue;
             };
-            let end = listed.load(Ordering::Acquire);
-            self.visit_list(cpu, current_parity, 0, end, &mut out);
-            self.consumed[cpu] = end.min(self.maps.ran_list_len as u64);
-            // Cleared here, so a list that overflows only once is scanned
-            // for once; a switch that overflows it late sets it again and
-            // is found at the next read (step 1).
-            scan |= overflowed.swap(0, Ordering::Relaxed) != 0;
-            out.busy_ns_by_cpu[cpu] = busy.load(Ordering::Relaxed);
-        }
-
-        if scan {
-            out.scanned = true;
-            for index in 0..self.slots_in_use() {
-                self.visit(index, &mut out);
+            // SAFETY: the CPU's entry, written by the program that just
+            // returned.
+            let found = unsafe { std::ptr::read_volatile(running) };
+            if found.read == self.read && found.record.task != 0 {
+                self.apply(&found.record, cpu);
             }
         }
-        out.threads_ended.sort_unstable();
-        out.threads_ended.dedup();
-        out
+        for (record, cpu) in overflow {
+            self.apply(record, (*cpu as usize).min(self.cpus.saturating_sub(1)));
+        }
+        let read = self.read;
+        self.ended
+            .retain(|_, ended_at| read - *ended_at < ENDED_KEPT_READS);
+        // The index keeps its memory from read to read; the figures go out.
+        self.pending.index.clear();
+        let pending = &mut self.pending;
+        let usage = std::mem::take(&mut pending.usage);
+        let mut threads_ended = std::mem::take(&mut pending.threads_ended);
+        let threads_new = std::mem::take(&mut pending.threads_new);
+        let busy_ns_by_cpu = std::mem::replace(&mut pending.busy_ns_by_cpu, vec![0; self.cpus]);
+        let records = std::mem::take(&mut pending.records);
+        let unnamed = std::mem::take(&mut pending.unnamed);
+        threads_ended.sort_unstable();
+        threads_ended.dedup();
+        LogReading {
+            usage,
+            threads_ended,
+            threads_new,
+            busy_ns_by_cpu,
+            records,
+            unnamed,
+            errors,
+        }
     }
 
-    /// Slots the kernel has handed out at least once.
-    fn slots_in_use(&self) -> usize {
-        let Some(control) = self.maps.control.at(0) else {
-            return 0;
+    /// Charges what `record`, written on `cpu`, adds to its thread.
+    fn apply(&mut self, record: &SwitchRecord, cpu: usize) {
+        if record.task == 0 {
+            return;
+        }
+        self.pending.records += 1;
+        let thread = record.thread();
+        let read = self.read;
+        let (slice, handed_back) = match self.threads.get_mut(&thread) {
+            Some(track) => {
+                track.read = read;
+                if record.runtime_ns > track.last_ns {
+                    let slice = record.runtime_ns - track.last_ns;
+                    track.previous_ns = track.last_ns;
+                    track.last_ns = record.runtime_ns;
+                    track.last_cpu = cpu as u32;
+                    (slice, None)
+                } else if record.runtime_ns > track.previous_ns
+                    && track.last_cpu != cpu as u32
+                    && (track.last_cpu as usize) < self.cpus
+                {
+                    // An older record read after a newer one from another
+                    // CPU: that one took this record's slice for its own
+                    // CPU. Hand it back.
+                    let moved = record.runtime_ns - track.previous_ns;
+                    track.previous_ns = record.runtime_ns;
+                    (0, Some((track.last_cpu as usize, moved)))
+                } else {
+                    (0, None)
+                }
+            }
+            None => {
+                if self.ended.contains_key(&thread) {
+                    // An older record of a thread whose last one was read.
+                    return;
+                }
+                // Not in the baseline: born since the programs were
+                // attached, so all of its run time is new.
+                self.threads.insert(
+                    thread,
+                    ThreadTrack {
+                        tgid: record.tgid(),
+                        last_ns: record.runtime_ns,
+                        previous_ns: 0,
+                        last_cpu: cpu as u32,
+                        read,
+                    },
+                );
+                let key = self.process_key(record.tgid());
+                self.pending.threads_new.push(key);
+                (record.runtime_ns, None)
+            }
         };
-        // SAFETY: the single control entry.
-        let next = u64_at(unsafe { &raw mut (*control).next_unused_slot }).load(Ordering::Acquire);
-        (next as usize).min(self.maps.threads.len())
-    }
-
-    fn visit_list(
-        &mut self,
-        cpu: usize,
-        parity: usize,
-        from: u64,
-        to: u64,
-        out: &mut SlotsReading,
-    ) {
-        let len = self.maps.ran_list_len;
-        let base = (cpu * 2 + parity) * len;
-        for position in from as usize..(to as usize).min(len) {
-            let Some(entry) = self.maps.ran_lists.at(base + position) else {
-                break;
-            };
-            let index = u64_at(entry).load(Ordering::Relaxed) as usize;
-            self.visit(index, out);
-        }
-    }
-
-    /// Reports a slot's growth; frees it if its thread ended.
-    fn visit(&mut self, index: usize, out: &mut SlotsReading) {
-        let Some(slot) = self.maps.threads.at(index) else {
-            return;
-        };
-        // SAFETY: a slot of the mapping.
-        let state = u64_at(unsafe { &raw mut (*slot).state }).load(Ordering::Acquire);
-        if state == SLOT_FREE {
-            return;
-        }
-        out.visited += 1;
-        let mut now = [0u64; MAX_SOCKETS];
-        for (socket, figure) in now.iter_mut().enumerate().take(self.sockets) {
-            // SAFETY: as above.
-            *figure =
-                u64_at(unsafe { &raw mut (*slot).cumulative_ns[socket] }).load(Ordering::Relaxed);
-        }
-        self.report(index, slot, &now, out);
-        if state == SLOT_EXITED {
-            out.threads_ended.push(self.process_of(slot));
-            self.free(index, slot);
-        }
-    }
-
-    /// Applies what `read_running` found on `cpu`.
-    fn apply_running(&mut self, cpu: usize, generation: u64, out: &mut SlotsReading) {
-        let Some(running) = self.maps.running.at(cpu) else {
-            return;
-        };
-        // SAFETY: the CPU's entry, written by the program that just returned.
-        let found = unsafe { std::ptr::read_volatile(running) };
-        if found.generation != generation || found.slot_plus_one == 0 {
-            return;
-        }
-        out.in_progress_by_cpu[cpu] = found.in_progress_ns;
-        let index = found.slot_plus_one as usize - 1;
-        let Some(slot) = self.maps.threads.at(index) else {
-            return;
-        };
-        // SAFETY: a slot of the mapping.
-        let state = u64_at(unsafe { &raw mut (*slot).state }).load(Ordering::Acquire);
-        if state == SLOT_FREE {
-            return;
-        }
-        out.visited += 1;
-        let mut totals = found.cumulative_ns;
-        let socket = (found.socket as usize).min(MAX_SOCKETS - 1);
-        totals[socket] += found.in_progress_ns;
-        self.report(index, slot, &totals, out);
-    }
-
-    /// Reports what `totals` hold beyond what was reported for the slot.
-    fn report(
-        &mut self,
-        index: usize,
-        slot: *mut ThreadSlot,
-        totals: &[u64; MAX_SOCKETS],
-        out: &mut SlotsReading,
-    ) {
-        let reported = &mut self.reported[index * self.sockets..(index + 1) * self.sockets];
-        let first = reported.iter().all(|figure| *figure == 0);
-        let mut delta = [0u64; MAX_SOCKETS];
-        let mut grew = false;
-        for ((delta, reported), total) in delta.iter_mut().zip(reported.iter_mut()).zip(totals) {
-            if *total > *reported {
-                *delta = *total - *reported;
-                *reported = *total;
-                grew = true;
+        if let Some((from_cpu, moved)) = handed_back {
+            let busy = &mut self.pending.busy_ns_by_cpu;
+            busy[from_cpu] = busy[from_cpu].saturating_sub(moved);
+            busy[cpu] += moved;
+            let (from_socket, to_socket) = (self.socket(from_cpu), self.socket(cpu));
+            if from_socket != to_socket
+                && let Some(usage) = self.usage_entry(record)
+            {
+                let figures = &mut usage.runtime_ns_by_socket;
+                let taken = figures[from_socket].min(moved);
+                figures[from_socket] -= taken;
+                figures[to_socket] += taken;
             }
         }
-        if !grew {
-            return;
+        if slice > 0 {
+            self.pending.busy_ns_by_cpu[cpu] += slice;
+            let socket = self.socket(cpu);
+            let usage = self.usage_entry(record).expect("created on demand");
+            usage.runtime_ns_by_socket[socket] += slice;
         }
-        // SAFETY: a slot of the mapping; identity fields are written before
-        // the slot is listed, and again only by the thread's own CPU.
-        let (comm, cgroup_id) = unsafe {
-            (
-                std::ptr::read_volatile(&raw const (*slot).comm),
-                u64_at(&raw mut (*slot).cgroup_id).load(Ordering::Relaxed),
-            )
-        };
-        let key = self.process_of(slot);
-        if first {
-            out.threads_new.push(key);
+        if record.ended() {
+            self.threads.remove(&thread);
+            self.ended.insert(thread, read);
+            let key = self.process_key(record.tgid());
+            self.pending.threads_ended.push(key);
         }
-        out.usage.push(ProcessUsage {
-            key,
-            comm: Comm(comm),
-            cgroup_id,
-            runtime_ns_by_socket: delta,
+    }
+
+    fn socket(&self, cpu: usize) -> usize {
+        self.socket_of_cpu
+            .get(cpu)
+            .copied()
+            .unwrap_or(0)
+            .min(MAX_SOCKETS - 1)
+    }
+
+    /// The process `tgid`'s name, looked up once if no event gave it.
+    fn name(&mut self, tgid: u32) -> ProcessName {
+        if let Some(name) = self.processes.get(&tgid) {
+            return *name;
+        }
+        self.pending.unnamed += 1;
+        let name = (self.resolve)(tgid).unwrap_or(ProcessName {
+            start_ns: 0,
+            comm: Comm::from_str_lossy("?"),
         });
+        self.processes.insert(tgid, name);
+        name
     }
 
-    fn process_of(&self, slot: *mut ThreadSlot) -> ProcessKey {
-        // SAFETY: a slot of the mapping.
-        let (tgid, start) = unsafe {
-            (
-                u32_at(&raw mut (*slot).tgid).load(Ordering::Relaxed),
-                u64_at(&raw mut (*slot).process_start_ns).load(Ordering::Relaxed),
-            )
-        };
-        ProcessKey::at_tick(tgid, start, self.clock_ticks_per_second)
+    fn process_key(&mut self, tgid: u32) -> ProcessKey {
+        let name = self.name(tgid);
+        self.key_of(tgid, name.start_ns)
     }
 
-    /// Zeroes an exited thread's slot and hands it back to the kernel. Its
-    /// thread made its last switch, so nothing writes the slot until the
-    /// kernel takes it from the ring.
-    fn free(&mut self, index: usize, slot: *mut ThreadSlot) {
-        // SAFETY: a slot of the mapping, unused by the kernel now.
-        unsafe {
-            for socket in 0..MAX_SOCKETS {
-                u64_at(&raw mut (*slot).cumulative_ns[socket]).store(0, Ordering::Relaxed);
-            }
-            u64_at(&raw mut (*slot).state).store(SLOT_FREE, Ordering::Release);
-        }
-        self.reported[index * self.sockets..(index + 1) * self.sockets].fill(0);
-        let Some(control) = self.maps.control.at(0) else {
-            return;
-        };
-        // SAFETY: the single control entry; only the agent moves the head.
-        let head = u64_at(unsafe { &raw mut (*control).free_head });
-        let at = head.load(Ordering::Relaxed);
-        let mask = self.maps.free_ring.len() as u64 - 1;
-        if let Some(entry) = self.maps.free_ring.at((at & mask) as usize) {
-            u64_at(entry).store(index as u64, Ordering::Relaxed);
-            head.store(at + 1, Ordering::Release);
-        }
-    }
-
-    /// Slots live or exited and not yet read (for tests and diagnostics).
-    pub fn slots_taken(&self) -> usize {
-        (0..self.slots_in_use())
-            .filter(|index| {
-                self.maps.threads.at(*index).is_some_and(|slot| {
-                    // SAFETY: a slot of the mapping.
-                    let state = u64_at(unsafe { &raw mut (*slot).state }).load(Ordering::Relaxed);
-                    state == SLOT_LIVE || state == SLOT_EXITED
-                })
-            })
-            .count()
+    /// This read's figures for the record's process and cgroup (created
+    /// when first charged).
+    fn usage_entry(&mut self, record: &SwitchRecord) -> Option<&mut ProcessUsage> {
+        let tgid = record.tgid();
+        let name = self.name(tgid);
+        let key = self.key_of(tgid, name.start_ns);
+        let pending = &mut self.pending;
+        let index = *pending
+            .index
+            .entry((tgid, key.start_ns, record.cgroup_id))
+            .or_insert_with(|| {
+                pending.usage.push(ProcessUsage {
+                    key,
+                    comm: name.comm,
+                    cgroup_id: record.cgroup_id,
+                    runtime_ns_by_socket: [0; MAX_SOCKETS],
+                });
+                pending.usage.len() - 1
+            });
+        pending.usage.get_mut(index)
     }
 }
 
@@ -555,273 +650,306 @@ mod tests {
     use super::*;
 
     const CPUS: usize = 2;
-    const LIST_LEN: usize = 4;
+    const LOG_LEN: usize = 8;
 
-    /// What the kernel programs do to the shared arrays, done by hand,
-    /// through a view of the reader's memory.
+    /// The kernel's side of the shared arrays, played by hand through a
+    /// view of the reader's memory.
     struct Kernel {
-        maps: SharedMaps,
+        log: SharedArray<SwitchRecord>,
+        cpu_log: SharedArray<CpuLog>,
+        running: SharedArray<RunningThread>,
+        control: SharedArray<Control>,
     }
 
     impl Kernel {
-        fn maps(&self) -> &SharedMaps {
-            &self.maps
-        }
-
-        fn generation(&self) -> u64 {
-            let control = self.maps().control.at(0).unwrap();
-            u64_at(unsafe { &raw mut (*control).generation }).load(Ordering::SeqCst)
-        }
-
-        /// `claim_slot`: slot `index` for thread `tid` of process `tgid`.
-        fn claim(&self, index: usize, tgid: u32, tid: u32) {
-            let slot = self.maps().threads.at(index).unwrap();
+        /// `sched_switch` on `cpu`: false when the log is full.
+        fn switch_out(&self, cpu: usize, record: SwitchRecord) -> bool {
+            let header = self.cpu_log.at(cpu).unwrap();
+            let consumed = unsafe { (*self.cpu_log.at(cpu).unwrap()).consumed };
             unsafe {
-                (*slot).tid = tid;
-                (*slot).tgid = tgid;
-                (*slot).process_start_ns = 0;
-                (*slot).cgroup_id = 7;
-                (*slot).comm = *b"burn\0\0\0\0\0\0\0\0\0\0\0\0";
-                (*slot).state = SLOT_LIVE;
-            }
-            let control = self.maps().control.at(0).unwrap();
-            let next = unsafe { &mut (*control).next_unused_slot };
-            *next = (*next).max(index as u64 + 1);
-        }
-
-        /// `on_switch`: `slice` ns of slot `index` on `cpu`, ending it if
-        /// `dead`.
-        fn switch_out(&self, cpu: usize, index: usize, slice: u64, dead: bool) {
-            let slot = self.maps().threads.at(index).unwrap();
-            let log = self.maps().cpu_log.at(cpu).unwrap();
-            unsafe {
-                (*slot).cumulative_ns[0] += slice;
-                (*log).busy_ns += slice;
-                if dead {
-                    (*slot).state = SLOT_EXITED;
-                    self.list(cpu, self.generation(), index);
-                } else if (*slot).listed_generation != self.generation() {
-                    (*slot).listed_generation = self.generation();
-                    self.list(cpu, self.generation(), index);
+                let written = (*header).written;
+                if written - consumed >= LOG_LEN as u64 {
+                    return false;
                 }
+                *self
+                    .log
+                    .at(cpu * LOG_LEN + (written as usize & (LOG_LEN - 1)))
+                    .unwrap() = record;
+                (*header).written = written + 1;
+                (*header).current_task = 0;
+                (*header).idle_task = 0;
             }
+            true
         }
 
-        /// `list_slot`, for a given generation (a late switch lists into an
-        /// older one).
-        fn list(&self, cpu: usize, generation: u64, index: usize) {
-            let parity = (generation & 1) as usize;
-            let log = self.maps().cpu_log.at(cpu).unwrap();
+        /// A thread keeps running on `cpu`: `read_running` will report it.
+        fn running(&self, cpu: usize, record: SwitchRecord) {
             unsafe {
-                let listed = (*log).listed[parity] as usize;
-                if listed >= LIST_LEN {
-                    (*log).overflowed[parity] = 1;
-                    return;
-                }
-                let entry = self
-                    .maps()
-                    .ran_lists
-                    .at((cpu * 2 + parity) * LIST_LEN + listed)
-                    .unwrap();
-                *entry = index as u64;
-                (*log).listed[parity] += 1;
+                (*self.cpu_log.at(cpu).unwrap()).current_task = record.task;
+                (*self.cpu_log.at(cpu).unwrap()).idle_task = 1;
             }
+            let running = self.running.at(cpu).unwrap();
+            unsafe { (*running).record = record };
         }
 
-        /// `read_running` on `cpu` while slot `index` runs there with
-        /// `in_progress` ns since its last switch.
-        fn running(&self, cpu: usize, index: usize, in_progress: u64) {
-            let slot = self.maps().threads.at(index).unwrap();
-            let out = self.maps().running.at(cpu).unwrap();
-            unsafe {
-                *out = RunningThread {
-                    generation: self.generation(),
-                    slot_plus_one: index as u32 + 1,
-                    socket: 0,
-                    in_progress_ns: in_progress,
-                    cumulative_ns: (*slot).cumulative_ns,
-                };
-            }
-        }
-
-        fn busy(&self, cpu: usize) {
-            let log = self.maps().cpu_log.at(cpu).unwrap();
-            unsafe { (*log).current_task = (*log).idle_task + 1 };
+        /// `read_running`, as the reader asks for it.
+        fn answer(&self, cpu: u32) {
+            let read = unsafe { (*self.control.at(0).unwrap()).read };
+            unsafe { (*self.running.at(cpu as usize).unwrap()).read = read };
         }
 
         fn idle(&self, cpu: usize) {
-            let log = self.maps().cpu_log.at(cpu).unwrap();
-            unsafe { (*log).current_task = (*log).idle_task };
+            unsafe {
+                (*self.cpu_log.at(cpu).unwrap()).current_task = 0;
+                (*self.cpu_log.at(cpu).unwrap()).idle_task = 0;
+            }
         }
     }
 
-    fn reader(slots: usize) -> (SlotReader, Kernel) {
+    fn reader() -> (LogReader, Kernel) {
         let maps = SharedMaps {
-            threads: SharedArray::owned(slots),
-            free_ring: SharedArray::owned(slots.next_power_of_two()),
-            ran_lists: SharedArray::owned(CPUS * 2 * LIST_LEN),
+            log: SharedArray::owned(CPUS * LOG_LEN),
             cpu_log: SharedArray::owned(CPUS),
             control: SharedArray::owned(1),
             running: SharedArray::owned(CPUS),
-            ran_list_len: LIST_LEN,
+            log_len: LOG_LEN,
         };
         let kernel = Kernel {
-            maps: SharedMaps {
-                threads: maps.threads.alias(),
-                free_ring: maps.free_ring.alias(),
-                ran_lists: maps.ran_lists.alias(),
-                cpu_log: maps.cpu_log.alias(),
-                control: maps.control.alias(),
-                running: maps.running.alias(),
-                ran_list_len: LIST_LEN,
-            },
+            log: maps.log.alias(),
+            cpu_log: maps.cpu_log.alias(),
+            running: maps.running.alias(),
+            control: maps.control.alias(),
         };
-        (SlotReader::new(maps, CPUS, 1, 100), kernel)
+        let mut reader = LogReader::new(
+            maps,
+            CPUS,
+            vec![0, 1],
+            100,
+            Box::new(|tgid| {
+                (tgid == 77).then(|| ProcessName {
+                    start_ns: 5_000_000_000,
+                    comm: Comm::from_str_lossy("late"),
+                })
+            }),
+        );
+        reader.name_process(
+            10,
+            ProcessName {
+                start_ns: 1_000_000_000,
+                comm: Comm::from_str_lossy("burn"),
+            },
+        );
+        (reader, kernel)
     }
 
-    fn no_running(_cpu: u32) -> io::Result<()> {
-        Ok(())
+    fn record(task: u64, tgid: u32, runtime_ns: u64, ended: bool) -> SwitchRecord {
+        SwitchRecord {
+            task,
+            thread_start_ns: task * 10,
+            runtime_ns,
+            cgroup_id: 7,
+            tgid_pid: (u64::from(tgid) << 32)
+                | task
+                | if ended { agent_common::RECORD_ENDED } else { 0 },
+        }
     }
 
-    fn ns_of(reading: &SlotsReading, pid: u32) -> u64 {
+    fn read(reader: &mut LogReader, kernel: &Kernel) -> LogReading {
+        reader.read(
+            &mut |cpu| {
+                kernel.answer(cpu);
+                Ok(())
+            },
+            &[],
+        )
+    }
+
+    fn total(reading: &LogReading) -> u64 {
         reading
             .usage
             .iter()
-            .filter(|u| u.key.pid == pid)
-            .map(|u| u.runtime_ns_by_socket.iter().sum::<u64>())
+            .map(|usage| usage.runtime_ns_by_socket.iter().sum::<u64>())
             .sum()
     }
 
     #[test]
-    fn a_thread_that_slept_is_not_visited_and_its_one_slice_counts_once() {
-        let (mut reader, kernel) = reader(8);
-        kernel.claim(0, 100, 100);
-        kernel.switch_out(0, 0, 5_000, false);
-        let first = reader.read(&mut no_running);
-        assert_eq!(ns_of(&first, 100), 5_000);
-        // Many reads asleep: nothing visited, nothing reported.
-        for _ in 0..20 {
-            let quiet = reader.read(&mut no_running);
-            assert_eq!(quiet.visited, 0);
-            assert!(quiet.usage.is_empty());
-        }
-        // It runs once: exactly that slice.
-        kernel.switch_out(1, 0, 700, false);
-        let woke = reader.read(&mut no_running);
-        assert_eq!(ns_of(&woke, 100), 700);
-        assert_eq!(woke.visited, 1);
-        assert_eq!(woke.busy_ns_by_cpu, vec![5_000, 700]);
+    fn a_new_threads_slices_are_charged_once_each() {
+        let (mut reader, kernel) = reader();
+        assert!(kernel.switch_out(0, record(1, 10, 300, false)));
+        assert!(kernel.switch_out(0, record(1, 10, 500, false)));
+        let first = read(&mut reader, &kernel);
+        assert_eq!(total(&first), 500, "born after the start: all of it");
+        assert_eq!(first.usage.len(), 1, "one entry per process and cgroup");
+        assert_eq!(
+            first.usage[0].key,
+            ProcessKey::at_tick(10, 1_000_000_000, 100)
+        );
+        assert_eq!(first.usage[0].comm, Comm::from_str_lossy("burn"));
+        assert_eq!(first.threads_new.len(), 1);
+        assert_eq!(first.busy_ns_by_cpu, vec![500, 0]);
+        // Asleep: nothing.
+        let asleep = read(&mut reader, &kernel);
+        assert_eq!(total(&asleep), 0);
+        assert_eq!(asleep.records, 0, "a thread that slept costs nothing");
+        assert!(kernel.switch_out(1, record(1, 10, 900, false)));
+        let again = read(&mut reader, &kernel);
+        assert_eq!(total(&again), 400);
+        assert_eq!(again.busy_ns_by_cpu, vec![0, 400]);
+        assert_eq!(
+            again.usage[0].runtime_ns_by_socket[1], 400,
+            "CPU 1 is socket 1"
+        );
     }
 
     #[test]
-    fn a_thread_that_never_switches_out_is_counted_in_every_interval() {
-        let (mut reader, kernel) = reader(8);
-        kernel.claim(3, 300, 300);
-        kernel.busy(1);
-        let mut in_progress = 0;
-        for interval in 1..=5u64 {
-            in_progress += 1_000;
-            let reading = reader.read(&mut |cpu| {
-                if cpu == 1 {
-                    kernel.running(1, 3, in_progress);
-                }
+    fn the_baseline_is_not_charged() {
+        let (mut reader, kernel) = reader();
+        reader.baseline(&[BaselineThread {
+            record: record(2, 10, 1_000, false),
+            process_start_ns: 1_000_000_000,
+            comm: *b"burn\0\0\0\0\0\0\0\0\0\0\0\0",
+        }]);
+        // An older record (written between the attach and the baseline).
+        assert!(kernel.switch_out(0, record(2, 10, 800, false)));
+        assert!(kernel.switch_out(0, record(2, 10, 1_250, false)));
+        let reading = read(&mut reader, &kernel);
+        assert_eq!(total(&reading), 250);
+        assert!(reading.threads_new.is_empty());
+    }
+
+    #[test]
+    fn an_older_record_read_later_hands_its_slice_back_to_its_cpu() {
+        let (mut reader, kernel) = reader();
+        assert!(kernel.switch_out(0, record(3, 10, 100, false)));
+        read(&mut reader, &kernel);
+        // Ran 50 on CPU 0 (to 150), then 70 on CPU 1 (to 220): in order.
+        assert!(kernel.switch_out(0, record(3, 10, 150, false)));
+        assert!(kernel.switch_out(1, record(3, 10, 220, false)));
+        let reading = read(&mut reader, &kernel);
+        assert_eq!(total(&reading), 120);
+        assert_eq!(reading.busy_ns_by_cpu, vec![50, 70]);
+        // Out of order: the newer record from CPU 1's log, the older one
+        // (CPU 0's) read after it, as overflow records are.
+        assert!(kernel.switch_out(1, record(3, 10, 400, false)));
+        let reading = reader.read(
+            &mut |cpu| {
+                kernel.answer(cpu);
                 Ok(())
-            });
-            assert_eq!(ns_of(&reading, 300), 1_000, "interval {interval}");
-            assert_eq!(reading.in_progress_by_cpu[1], in_progress);
-        }
-        // It switches out at last, 5,400 ns after its last switch: only the
-        // 400 not reported while it ran are new.
-        kernel.idle(1);
-        kernel.switch_out(1, 3, 5_400, false);
-        let after = reader.read(&mut no_running);
-        assert_eq!(ns_of(&after, 300), 400);
-    }
-
-    #[test]
-    fn an_ended_thread_reports_its_last_slice_and_its_slot_is_freed() {
-        let (mut reader, kernel) = reader(8);
-        kernel.claim(2, 200, 201);
-        kernel.switch_out(0, 2, 1_000, false);
-        let _ = reader.read(&mut no_running);
-        kernel.switch_out(0, 2, 300, true);
-        let reading = reader.read(&mut no_running);
-        assert_eq!(ns_of(&reading, 200), 300);
-        assert_eq!(
-            reading.threads_ended,
-            vec![ProcessKey {
-                pid: 200,
-                start_ns: 0
-            }]
+            },
+            &[(record(3, 10, 300, false), 0)],
         );
-        let slot = reader.maps.threads.at(2).unwrap();
-        assert_eq!(unsafe { (*slot).state }, SLOT_FREE);
-        assert_eq!(unsafe { (*slot).cumulative_ns[0] }, 0);
-        let control = reader.maps.control.at(0).unwrap();
-        assert_eq!(unsafe { (*control).free_head }, 1);
-        assert_eq!(unsafe { *reader.maps.free_ring.at(0).unwrap() }, 2);
-        assert_eq!(reader.slots_taken(), 0);
-        // The kernel hands the slot to a new thread: it starts from zero.
-        kernel.claim(2, 900, 900);
-        kernel.switch_out(1, 2, 50, false);
-        assert_eq!(ns_of(&reader.read(&mut no_running), 900), 50);
-    }
-
-    #[test]
-    fn a_switch_that_lists_into_the_old_generation_is_read_at_the_next_read() {
-        let (mut reader, kernel) = reader(8);
-        kernel.claim(0, 100, 100);
-        kernel.claim(1, 101, 101);
-        kernel.switch_out(0, 0, 10, false);
-        let old_generation = kernel.generation();
-        let first = reader.read(&mut no_running);
-        assert_eq!(ns_of(&first, 100), 10);
-        // A switch that read the generation before the agent changed it
-        // lists into the old list after the agent read it.
-        unsafe { (*reader.maps.threads.at(1).unwrap()).cumulative_ns[0] += 20 };
-        kernel.list(0, old_generation, 1);
-        let second = reader.read(&mut no_running);
-        assert_eq!(ns_of(&second, 101), 20);
-    }
-
-    #[test]
-    fn a_full_ran_list_makes_the_agent_read_every_slot() {
-        let (mut reader, kernel) = reader(16);
-        for index in 0..(LIST_LEN + 3) {
-            kernel.claim(index, 1_000 + index as u32, 1_000 + index as u32);
-            kernel.switch_out(0, index, 100, false);
-        }
-        let reading = reader.read(&mut no_running);
-        assert!(reading.scanned);
-        let total: u64 = (0..(LIST_LEN + 3))
-            .map(|index| ns_of(&reading, 1_000 + index as u32))
-            .sum();
+        assert_eq!(total(&reading), 180, "the thread's growth, once");
         assert_eq!(
-            total,
-            100 * (LIST_LEN as u64 + 3),
-            "every slot counted once"
+            reading.busy_ns_by_cpu,
+            vec![80, 100],
+            "80 ran on CPU 0 (220 to 300), 100 on CPU 1"
         );
-        let next = reader.read(&mut no_running);
-        assert!(!next.scanned, "the overflow is cleared once read");
-        assert!(next.usage.is_empty());
-    }
-
-    #[test]
-    fn an_offline_cpu_is_skipped_and_another_failure_is_reported() {
-        let (mut reader, kernel) = reader(4);
-        kernel.claim(0, 5, 5);
-        for cpu in 0..CPUS {
-            let log = reader.maps.cpu_log.at(cpu).unwrap();
-            unsafe { (*log).current_task = 1 };
-        }
-        let reading = reader.read(&mut |cpu| {
-            Err(if cpu == 0 {
-                io::Error::from_raw_os_error(libc::ENXIO)
-            } else {
-                io::Error::from_raw_os_error(libc::EPERM)
-            })
+        assert_eq!(reading.usage[0].runtime_ns_by_socket, {
+            let mut figures = [0; MAX_SOCKETS];
+            figures[0] = 80;
+            figures[1] = 100;
+            figures
         });
-        assert_eq!(reading.errors.len(), 1, "{:?}", reading.errors);
-        assert!(reading.errors[0].contains("CPU 1"));
+    }
+
+    #[test]
+    fn a_thread_that_went_back_and_forth_is_charged_to_each_cpu_it_ran_on() {
+        let (mut reader, kernel) = reader();
+        assert!(kernel.switch_out(0, record(3, 10, 100, false)));
+        read(&mut reader, &kernel);
+        // CPU 0: +10, CPU 1: +20, CPU 0: +30, CPU 1: +40, CPU 0: +50.
+        for (cpu, runtime) in [(0, 110), (1, 130), (0, 160), (1, 200), (0, 250)] {
+            assert!(kernel.switch_out(cpu, record(3, 10, runtime, false)));
+        }
+        let reading = read(&mut reader, &kernel);
+        assert_eq!(reading.busy_ns_by_cpu, vec![90, 60]);
+        assert_eq!(reading.usage[0].runtime_ns_by_socket[..2], [90, 60]);
+    }
+
+    #[test]
+    fn a_threads_last_record_ends_it_and_older_ones_add_nothing() {
+        let (mut reader, kernel) = reader();
+        assert!(kernel.switch_out(0, record(4, 10, 100, false)));
+        read(&mut reader, &kernel);
+        assert!(kernel.switch_out(1, record(4, 10, 300, true)));
+        let ended = read(&mut reader, &kernel);
+        assert_eq!(total(&ended), 200);
+        assert_eq!(
+            ended.threads_ended,
+            vec![ProcessKey::at_tick(10, 1_000_000_000, 100)]
+        );
+        assert_eq!(reader.threads_tracked(), 0);
+        // An older record of it, read late (another CPU's log): not a new
+        // thread.
+        let late = reader.read(&mut |_| Ok(()), &[(record(4, 10, 250, false), 0)]);
+        assert_eq!(total(&late), 0);
+        assert!(late.threads_new.is_empty());
+        // A new thread at the same address: a later start names it apart.
+        let mut reused = record(4, 10, 40, false);
+        reused.thread_start_ns += 1;
+        assert!(kernel.switch_out(0, reused));
+        let reading = read(&mut reader, &kernel);
+        assert_eq!(total(&reading), 40);
+    }
+
+    #[test]
+    fn a_running_thread_is_counted_and_its_switch_adds_only_the_rest() {
+        let (mut reader, kernel) = reader();
+        kernel.running(1, record(5, 10, 600, false));
+        let running = read(&mut reader, &kernel);
+        assert_eq!(total(&running), 600);
+        assert_eq!(running.busy_ns_by_cpu, vec![0, 600]);
+        kernel.running(1, record(5, 10, 1_600, false));
+        assert_eq!(total(&read(&mut reader, &kernel)), 1_000);
+        kernel.idle(1);
+        assert!(kernel.switch_out(1, record(5, 10, 1_700, false)));
+        kernel.idle(1);
+        assert_eq!(total(&read(&mut reader, &kernel)), 100);
+        // A stale answer (from an earlier read) is not taken.
+        kernel.running(1, record(5, 10, 9_999, false));
+        let stale = reader.read(&mut |_| Ok(()), &[]);
+        assert_eq!(total(&stale), 0);
+    }
+
+    #[test]
+    fn a_full_log_is_emptied_by_a_drain_and_handed_back() {
+        let (mut reader, kernel) = reader();
+        for step in 1..=LOG_LEN as u64 {
+            assert!(kernel.switch_out(0, record(6, 10, step * 10, false)));
+        }
+        assert!(!kernel.switch_out(0, record(6, 10, 1_000, false)), "full");
+        assert_eq!(reader.fullest_log(), LOG_LEN);
+        reader.drain();
+        assert_eq!(reader.fullest_log(), 0);
+        assert!(
+            kernel.switch_out(0, record(6, 10, 1_100, false)),
+            "room again"
+        );
+        let reading = read(&mut reader, &kernel);
+        assert_eq!(total(&reading), 1_100, "drained records count at the read");
+        assert_eq!(reading.records, LOG_LEN + 1);
+    }
+
+    #[test]
+    fn a_process_no_event_named_is_looked_up_once() {
+        let (mut reader, kernel) = reader();
+        assert!(kernel.switch_out(0, record(7, 77, 10, false)));
+        assert!(kernel.switch_out(1, record(8, 77, 20, false)));
+        assert!(kernel.switch_out(0, record(9, 88, 30, false)));
+        let reading = read(&mut reader, &kernel);
+        assert_eq!(reading.unnamed, 2, "77 once, and 88 (gone) once");
+        let late = reading
+            .usage
+            .iter()
+            .find(|usage| usage.key.pid == 77)
+            .unwrap();
+        assert_eq!(late.key, ProcessKey::at_tick(77, 5_000_000_000, 100));
+        assert_eq!(late.runtime_ns_by_socket.iter().sum::<u64>(), 30);
+        let gone = reading
+            .usage
+            .iter()
+            .find(|usage| usage.key.pid == 88)
+            .unwrap();
+        assert_eq!(gone.comm, Comm::from_str_lossy("?"));
     }
 }
