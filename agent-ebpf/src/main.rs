@@ -277,15 +277,29 @@ fn cgroup_id_of(css_set: *const u8) -> u64 {
 /// What a record says of `task` now, with its run time `runtime`.
 #[inline(always)]
 fn record_of(task: *const u8, runtime: u64, ended: bool) -> SwitchRecord {
+    let mut record = SwitchRecord::default();
+    write_record(&mut record, task, runtime, ended);
+    record
+}
+
+/// Writes what a record says of `task` into `entry` (a log entry, or a
+/// record on the stack).
+#[inline(always)]
+fn write_record(entry: *mut SwitchRecord, task: *const u8, runtime: u64, ended: bool) {
     let pid: u32 = field(task, offset!(task_pid));
     let tgid: u32 = field(task, offset!(task_tgid));
     let css_set: *const u8 = field(task, offset!(task_cgroups));
-    SwitchRecord {
-        task: task as u64,
-        thread_start_ns: field(task, offset!(task_start_boottime)),
-        runtime_ns: runtime,
-        cgroup_id: cgroup_id_of(css_set),
-        tgid_pid: (u64::from(tgid) << 32) | u64::from(pid) | if ended { RECORD_ENDED } else { 0 },
+    let thread_start_ns: u64 = field(task, offset!(task_start_boottime));
+    let cgroup_id = cgroup_id_of(css_set);
+    let tgid_pid = (u64::from(tgid) << 32) | u64::from(pid) | if ended { RECORD_ENDED } else { 0 };
+    // SAFETY: a live log entry of this CPU, not visible to the agent until
+    // `written` covers it, or a record of the caller's.
+    unsafe {
+        store(&raw mut (*entry).task, task as u64);
+        store(&raw mut (*entry).thread_start_ns, thread_start_ns);
+        store(&raw mut (*entry).runtime_ns, runtime);
+        store(&raw mut (*entry).cgroup_id, cgroup_id);
+        store(&raw mut (*entry).tgid_pid, tgid_pid);
     }
 }
 
@@ -333,7 +347,6 @@ fn on_switch(prev: *const u8, next: u64) {
         unsafe { store(&raw mut (*log).idle_task, prev as u64) };
         return;
     }
-    let record = record_of(prev, runtime, task_state(prev) & TASK_DEAD != 0);
     // SAFETY: as above.
     let written_at = unsafe { &raw mut (*log).written };
     let written = load(written_at);
@@ -342,14 +355,16 @@ fn on_switch(prev: *const u8, next: u64) {
     // SAFETY: a plain read of our own static.
     let len = unsafe { ptr::read_volatile(&raw const SWITCH_LOG_LEN) };
     if written.wrapping_sub(consumed) >= u64::from(len) {
-        log_full(&record, cpu);
+        log_full(prev, runtime, cpu);
         return;
     }
     let at = cpu * len + (written as u32 & (len - 1));
     let Some(entry) = SWITCH_LOG.get_ptr_mut(at) else {
         return;
     };
-    store(entry, record);
+    // Written field by field into the log: a record built on the stack
+    // first would cost a copy on every switch.
+    write_record(entry, prev, runtime, task_state(prev) & TASK_DEAD != 0);
     if weakly_ordered() {
         // Release: the record is visible before the count that covers it.
         atomic(written_at).exchange_ordered(written + 1);
@@ -361,8 +376,9 @@ fn on_switch(prev: *const u8, next: u64) {
 /// The CPU's log is full: keep the record in `OVERFLOW` (newest per
 /// thread; a thread's last record is never replaced, nothing follows it).
 #[inline(never)]
-fn log_full(record: &SwitchRecord, cpu: u32) {
+fn log_full(prev: *const u8, runtime: u64, cpu: u32) {
     count_loss(LossCounter::SwitchLogFull, 1);
+    let record = &record_of(prev, runtime, task_state(prev) & TASK_DEAD != 0);
     let key = OverflowKey {
         task: record.task,
         thread_start_ns: record.thread_start_ns,
