@@ -26,9 +26,10 @@
 //!   existing thread's run time so far, which the agent marks as seen;
 //!   `process_fork` and `process_exec` name processes as they start.
 //!
-//! Kernel floor: 5.12, as before (nothing here needs more than 5.10: mmapable
-//! arrays are 5.5, ring buffers 5.8, running a raw tracepoint program on a
-//! chosen CPU 5.10; the floor stays where it was tested).
+//! Kernel floor: 5.12, for BPF atomic exchange (the release store below;
+//! 5.10's verifier refuses it even where the branch is dead). The rest is
+//! older: mmapable arrays 5.5, ring buffers 5.8, running a raw tracepoint
+//! program on a chosen CPU 5.10.
 //!
 //! Memory ordering: a record is written before the log's `written` count
 //! that covers it; on weakly ordered CPUs (`WEAKLY_ORDERED`, arm64) the

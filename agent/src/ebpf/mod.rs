@@ -87,8 +87,10 @@ pub enum EbpfLoadError {
 
 /// The oldest kernel the programs load on (verified by booting Ubuntu
 /// 22.04's 5.15 and Debian 12's 6.1, and Debian 11's 5.10 below it:
-/// `tests/tests/kernels.rs`). The programs need 5.10 at most (running a raw
-/// tracepoint program on a chosen CPU); the floor stays where it was tested.
+/// `tests/tests/kernels.rs`): BPF atomic exchange (the switch path's
+/// release store on arm64, still in the program the verifier checks on
+/// x86) arrived in 5.12; 5.10's verifier refuses it ("BPF_STX uses
+/// reserved fields").
 pub const KERNEL_FLOOR: (u32, u32) = (5, 12);
 
 /// When `release` (as `uname -r` prints it) is older than the floor, a
@@ -101,7 +103,7 @@ pub fn below_kernel_floor(release: &str) -> Option<String> {
     let version = (numbers.next()??, numbers.next()??);
     (version < KERNEL_FLOOR).then(|| {
         format!(
-            "Linux {release} is older than {}.{}, the oldest kernel powerlens's programs run on (task storage for tracing programs: 5.11; BPF compare-and-exchange: 5.12)",
+            "Linux {release} is older than {}.{}, the oldest kernel powerlens's programs run on (BPF atomic exchange: 5.12)",
             KERNEL_FLOOR.0, KERNEL_FLOOR.1
         )
     })
