@@ -373,20 +373,7 @@ impl EbpfCpuSource {
     fn read_losses(&self) -> Vec<(&'static str, u64)> {
         LossCounter::ALL
             .into_iter()
-            .map(|counter| {
-                let total = (0..self.loss_counts.len())
-                    .filter_map(|cpu| self.loss_counts.at(cpu))
-                    // SAFETY: an aligned u64 of a CPU's entry, which the
-                    // kernel only adds to atomically.
-                    .map(|counts| unsafe {
-                        std::sync::atomic::AtomicU64::from_ptr(
-                            &raw mut (*counts).counts[counter as usize],
-                        )
-                        .load(std::sync::atomic::Ordering::Relaxed)
-                    })
-                    .sum();
-                (counter.name(), total)
-            })
+            .map(|counter| (counter.name(), self.loss_count(counter)))
             .collect()
     }
 

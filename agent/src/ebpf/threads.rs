@@ -253,8 +253,6 @@ struct ThreadTrack {
     last_ns: u64,
     previous_ns: u64,
     last_cpu: u32,
-    /// The read that last changed it.
-    read: u64,
 }
 
 /// A thread: its task address and start time.
@@ -343,7 +341,6 @@ impl LogReader {
                     last_ns: record.runtime_ns,
                     previous_ns: record.runtime_ns,
                     last_cpu: u32::MAX,
-                    read: 0,
                 });
         }
     }
@@ -524,7 +521,6 @@ impl LogReader {
         let read = self.read;
         let (slice, handed_back) = match self.threads.get_mut(&thread) {
             Some(track) => {
-                track.read = read;
                 if record.runtime_ns > track.last_ns {
                     let slice = record.runtime_ns - track.last_ns;
                     track.previous_ns = track.last_ns;
@@ -559,7 +555,6 @@ impl LogReader {
                         last_ns: record.runtime_ns,
                         previous_ns: 0,
                         last_cpu: cpu as u32,
-                        read,
                     },
                 );
                 let key = self.process_key(record.tgid());
