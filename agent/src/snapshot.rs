@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use rustc_hash::FxHashMap;
 
 use crate::{
-    accounting::{Accounting, DomainJoules, NodeEnergy, table::PROCESS_SHARDS},
+    accounting::{Accounting, DomainJoules, NodeEnergy},
     cgroup::Workload,
     cpu::{Comm, Method, ProcessKey, ProgramStats, SocketNs, total_ns},
     energy::{
@@ -204,32 +204,35 @@ impl Snapshot {
                 live_processes: w.live_processes,
             });
         }
-        let reusable = previous
-            .map(|p| &p.processes.shards)
-            .filter(|shards| shards.len() == PROCESS_SHARDS);
+        // The table's shards only grow in number, and a new one is marked
+        // changed: an unchanged shard has its view in the previous snapshot.
+        let reusable = previous.map(|p| &p.processes.shards);
         let shards: Vec<Arc<[ProcessView]>> = accounting
             .processes()
             .shards()
             .enumerate()
-            .map(|(index, (shard, changed))| match reusable {
-                Some(old) if !changed => Arc::clone(&old[index]),
-                _ => shard
-                    .iter()
-                    .map(|(key, p)| ProcessView {
-                        key: *key,
-                        comm: p.comm,
-                        cgroup_id: p.cgroup_id,
-                        workload_slot: p.workload,
-                        cpu_ns_by_socket: p.cpu_ns_by_socket,
-                        interval_ns: current(p.interval_seq, seq, p.interval_ns),
-                        energy_joules: p.energy.joules,
-                        interval_energy_joules: p.energy.interval(seq),
-                        first_seen: p.first_seen,
-                        last_seen: p.last_seen,
-                        exited: p.exited_at.is_some(),
-                    })
-                    .collect(),
-            })
+            .map(
+                |(index, (shard, changed))| match reusable.and_then(|old| old.get(index)) {
+                    Some(old) if !changed => Arc::clone(old),
+                    _ => shard
+                        .iter()
+                        .flatten()
+                        .map(|(key, p)| ProcessView {
+                            key: *key,
+                            comm: p.comm,
+                            cgroup_id: p.cgroup_id,
+                            workload_slot: p.workload,
+                            cpu_ns_by_socket: p.cpu_ns_by_socket,
+                            interval_ns: current(p.interval_seq, seq, p.interval_ns),
+                            energy_joules: p.energy.joules,
+                            interval_energy_joules: p.energy.interval(seq),
+                            first_seen: p.first_seen,
+                            last_seen: p.last_seen,
+                            exited: p.exited_at.is_some(),
+                        })
+                        .collect(),
+                },
+            )
             .collect();
         let processes = ProcessViews {
             len: shards.iter().map(|shard| shard.len()).sum(),

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use super::{Accounting, Energy, ProcessEntry, Resolved, add_socket_ns, workload_key};
+use super::{Accounting, Energy, NO_SLOT, ProcessEntry, Resolved, add_socket_ns, workload_key};
 use crate::cpu::{Comm, CpuReading, total_ns};
 use std::sync::Arc;
 
@@ -19,6 +19,8 @@ impl Accounting {
     ) {
         self.seq += 1;
         let seq = self.seq;
+        let mut usage_slots = std::mem::take(&mut self.usage_slots);
+        usage_slots.clear();
         for usage in &reading.usage {
             // Each cgroup is resolved once, when first seen.
             let (slot, path) = match self.cgroup_slots.get(&usage.cgroup_id) {
@@ -39,6 +41,7 @@ impl Accounting {
             let delta = total_ns(&usage.runtime_ns_by_socket);
 
             let Some(workload_entry) = self.workload_slots[slot].as_mut() else {
+                usage_slots.push(NO_SLOT);
                 continue;
             };
             add_socket_ns(
@@ -69,7 +72,7 @@ impl Accounting {
 
             let mut moved_from = None;
             let mut is_new = false;
-            let process = self.processes.get_or_insert_with(usage.key, || {
+            let process_slot = self.processes.slot_or_insert_with(usage.key, || {
                 is_new = true;
                 ProcessEntry {
                     comm: usage.comm,
@@ -84,6 +87,10 @@ impl Accounting {
                     exited_at: None,
                 }
             });
+            usage_slots.push(process_slot);
+            let Some(process) = self.processes.at_mut(process_slot) else {
+                continue;
+            };
             if process.workload != slot {
                 if process.exited_at.is_none() {
                     moved_from = Some(process.workload);
@@ -117,6 +124,8 @@ impl Accounting {
                 }
             }
         }
+
+        self.usage_slots = usage_slots;
 
         for key in &reading.exited {
             if let Some(process) = self.processes.get_mut(key)

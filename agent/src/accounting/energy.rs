@@ -5,7 +5,7 @@ use rustc_hash::FxHashMap;
 
 use super::Accounting;
 use crate::{
-    cpu::{ProcessKey, ProcessUsage, total_ns},
+    cpu::{ProcessUsage, total_ns},
     energy::{
         Domain,
         attribution::{IdleBaseline, IdlePolicy, split},
@@ -21,6 +21,7 @@ impl Accounting {
     pub(super) fn apply_energy(
         &mut self,
         usage: &[ProcessUsage],
+        usage_slots: &[usize],
         interval: &EnergyInterval,
         seconds: f64,
         policy: IdlePolicy,
@@ -35,13 +36,14 @@ impl Accounting {
         node.interval_uncertainty = [0.0; Domain::ALL.len()];
         node.idle_watts = [0.0; Domain::ALL.len()];
         node.interval_seconds = seconds;
-        let pids: FxHashMap<u32, ProcessKey> = if interval.gpu_activity.is_empty() {
+        // GPU users come as PIDs: each live one's slot.
+        let pids: FxHashMap<u32, usize> = if interval.gpu_activity.is_empty() {
             FxHashMap::default()
         } else {
             self.processes
                 .iter()
                 .filter(|(_, p)| p.exited_at.is_none())
-                .map(|(key, _)| (key.pid, *key))
+                .filter_map(|(key, _)| Some((key.pid, self.processes.slot_of(key)?)))
                 .collect()
         };
         for energy in &interval.energies {
@@ -65,35 +67,45 @@ impl Accounting {
                 Some(watts) if !baseline.is_configured() => watts,
                 _ => baseline.watts(),
             };
-            // (process, its workload slot, activity): `Even` shares idle
-            // energy per workload, so the split needs to know which.
-            let workload_of = |key: &ProcessKey| self.processes.get(key).map(|p| p.workload);
-            let activity: Vec<(Option<ProcessKey>, Option<usize>, f64)> = match domain {
+            // (process slot, its workload slot, activity): `Even` shares
+            // idle energy per workload, so the split needs to know which.
+            let processes = &self.processes;
+            let with_workload = |slot: usize| {
+                let workload = processes.at(slot).map(|p| p.workload);
+                (workload.map(|_| slot), workload)
+            };
+            let activity: Vec<(Option<usize>, Option<usize>, f64)> = match domain {
                 Domain::Gpu => interval
                     .gpu_activity
                     .iter()
                     .filter(|(gpu, _, _)| *gpu == energy.id.index)
                     .map(|(_, pid, weight)| {
-                        let key = pids.get(pid).copied();
-                        (key, key.as_ref().and_then(workload_of), *weight)
+                        let (slot, workload) = pids
+                            .get(pid)
+                            .map_or((None, None), |slot| with_workload(*slot));
+                        (slot, workload, *weight)
                     })
                     .collect(),
                 Domain::Psys => usage
                     .iter()
-                    .map(|u| {
+                    .zip(usage_slots)
+                    .map(|(u, slot)| {
                         let ns = total_ns(&u.runtime_ns_by_socket) as f64;
-                        (Some(u.key), workload_of(&u.key), ns)
+                        let (slot, workload) = with_workload(*slot);
+                        (slot, workload, ns)
                     })
                     .collect(),
                 _ => usage
                     .iter()
-                    .map(|u| {
+                    .zip(usage_slots)
+                    .map(|(u, slot)| {
                         let ns = u
                             .runtime_ns_by_socket
                             .get(energy.id.index as usize)
                             .copied()
                             .unwrap_or(0);
-                        (Some(u.key), workload_of(&u.key), ns as f64)
+                        let (slot, workload) = with_workload(*slot);
+                        (slot, workload, ns as f64)
                     })
                     .collect(),
             };
@@ -103,7 +115,7 @@ impl Accounting {
             for (key, dynamic, idle) in result.shares {
                 let joules = dynamic + idle;
                 let charged = key
-                    .and_then(|key| self.processes.get_mut(&key))
+                    .and_then(|slot| self.processes.at_mut(slot))
                     .map(|process| {
                         process.energy.charge(domain, joules, seq);
                         process.workload

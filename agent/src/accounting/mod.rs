@@ -190,7 +190,13 @@ pub struct Accounting {
     /// Wall time of readings that came without per-CPU busy figures, added
     /// to the node's window of the next reading that has them.
     node_wall_pending: Duration,
+    /// The process slot of each usage of the last reading (`NO_SLOT` for
+    /// one not charged), so the energy split finds them without a lookup.
+    usage_slots: Vec<usize>,
 }
+
+/// A usage that has no process slot.
+const NO_SLOT: usize = usize::MAX;
 
 impl Accounting {
     pub fn new(retention: Duration) -> Self {
@@ -215,6 +221,7 @@ impl Accounting {
             existence_check_every: Duration::from_secs(5),
             seq: 0,
             node_wall_pending: Duration::ZERO,
+            usage_slots: Vec::new(),
         }
     }
 
@@ -286,13 +293,16 @@ impl Accounting {
             interval.online_cpus,
             resolve,
         );
+        let usage_slots = std::mem::take(&mut self.usage_slots);
         self.apply_energy(
             &interval.reading.usage,
+            &usage_slots,
             interval.energy,
             interval.energy_seconds,
             interval.idle_policy,
             baseline_for,
         );
+        self.usage_slots = usage_slots;
     }
 
     pub fn node(&self) -> &NodeCpu {

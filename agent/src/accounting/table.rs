@@ -1,75 +1,106 @@
-//! The process table, in shards that remember whether they changed, so a
-//! snapshot rebuilds only the views of shards that did: with 1% of 10,000
-//! processes running in an interval, a few hundred views instead of all.
+//! The process table: entries in stable slots (so an interval that found a
+//! process once refers to it by slot, not by a second hash lookup), found
+//! by key through one index, and grouped in shards of consecutive slots
+//! that remember whether they changed, so a snapshot rebuilds only the
+//! views of shards that did: with 1% of 10,000 processes running in an
+//! interval, a few thousand views instead of all.
 
-use std::hash::BuildHasher as _;
-
-use rustc_hash::{FxBuildHasher, FxHashMap};
+use rustc_hash::FxHashMap;
 
 use super::ProcessEntry;
 use crate::cpu::ProcessKey;
 
-/// Shards of the table: enough that the processes of one interval touch a
-/// small part of them, few enough that an empty table costs nothing.
-pub const PROCESS_SHARDS: usize = 1024;
+/// Slots per shard: small enough that the few processes of a quiet
+/// interval rebuild few views, large enough that 10,000 processes make
+/// hundreds of shards (one shared pointer each per snapshot), not
+/// thousands.
+pub const SHARD_SLOTS: usize = 16;
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct ProcessTable {
-    shards: Vec<FxHashMap<ProcessKey, ProcessEntry>>,
+    /// Freed slots are `None` until reused.
+    slots: Vec<Option<(ProcessKey, ProcessEntry)>>,
+    index: FxHashMap<ProcessKey, usize>,
+    free: Vec<usize>,
     /// A process of the shard changed in this interval: its views must be
     /// rebuilt now, and again next interval (when its figures "in the last
     /// interval" go back to zero).
     changed_now: Vec<bool>,
     changed_next: Vec<bool>,
-    len: usize,
-}
-
-impl Default for ProcessTable {
-    fn default() -> Self {
-        Self {
-            shards: (0..PROCESS_SHARDS).map(|_| FxHashMap::default()).collect(),
-            changed_now: vec![false; PROCESS_SHARDS],
-            changed_next: vec![false; PROCESS_SHARDS],
-            len: 0,
-        }
-    }
 }
 
 impl ProcessTable {
-    fn shard_of(key: &ProcessKey) -> usize {
-        // The high bits: Fx mixes into them.
-        (FxBuildHasher.hash_one(key) >> 40) as usize % PROCESS_SHARDS
-    }
-
-    fn mark(&mut self, shard: usize) {
+    fn mark(&mut self, slot: usize) {
+        let shard = slot / SHARD_SLOTS;
         self.changed_now[shard] = true;
         self.changed_next[shard] = true;
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.index.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.index.is_empty()
+    }
+
+    /// The slot of `key`'s process, if it has one.
+    pub fn slot_of(&self, key: &ProcessKey) -> Option<usize> {
+        self.index.get(key).copied()
     }
 
     pub fn get(&self, key: &ProcessKey) -> Option<&ProcessEntry> {
-        self.shards[Self::shard_of(key)].get(key)
+        self.at(self.slot_of(key)?)
     }
 
     pub fn contains_key(&self, key: &ProcessKey) -> bool {
-        self.get(key).is_some()
+        self.index.contains_key(key)
+    }
+
+    /// The process in `slot`.
+    pub fn at(&self, slot: usize) -> Option<&ProcessEntry> {
+        self.slots.get(slot)?.as_ref().map(|(_, entry)| entry)
+    }
+
+    /// The process in `slot`, to change (its shard is marked changed).
+    pub fn at_mut(&mut self, slot: usize) -> Option<&mut ProcessEntry> {
+        self.slots.get(slot)?.as_ref()?;
+        self.mark(slot);
+        self.slots[slot].as_mut().map(|(_, entry)| entry)
     }
 
     /// The entry of `key` to change (its shard is marked changed).
     pub fn get_mut(&mut self, key: &ProcessKey) -> Option<&mut ProcessEntry> {
-        let shard = Self::shard_of(key);
-        if !self.shards[shard].contains_key(key) {
-            return None;
+        self.at_mut(self.slot_of(key)?)
+    }
+
+    /// The slot of `key`'s process, made by `make` if there is none (its
+    /// shard is marked changed either way: the caller is about to change
+    /// it through `at_mut`).
+    pub fn slot_or_insert_with(
+        &mut self,
+        key: ProcessKey,
+        make: impl FnOnce() -> ProcessEntry,
+    ) -> usize {
+        if let Some(slot) = self.slot_of(&key) {
+            self.mark(slot);
+            return slot;
         }
-        self.mark(shard);
-        self.shards[shard].get_mut(key)
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                self.slots.push(None);
+                if self.slots.len() > self.changed_now.len() * SHARD_SLOTS {
+                    self.changed_now.push(false);
+                    self.changed_next.push(false);
+                }
+                self.slots.len() - 1
+            }
+        };
+        self.slots[slot] = Some((key, make()));
+        self.index.insert(key, slot);
+        self.mark(slot);
+        slot
     }
 
     /// The entry of `key` to change, made by `make` if there is none.
@@ -78,27 +109,22 @@ impl ProcessTable {
         key: ProcessKey,
         make: impl FnOnce() -> ProcessEntry,
     ) -> &mut ProcessEntry {
-        let shard = Self::shard_of(&key);
-        self.mark(shard);
-        let map = &mut self.shards[shard];
-        if !map.contains_key(&key) {
-            self.len += 1;
-        }
-        map.entry(key).or_insert_with(make)
+        let slot = self.slot_or_insert_with(key, make);
+        self.slots[slot]
+            .as_mut()
+            .map(|(_, entry)| entry)
+            .expect("just filled")
     }
 
     pub fn remove(&mut self, key: &ProcessKey) -> Option<ProcessEntry> {
-        let shard = Self::shard_of(key);
-        let removed = self.shards[shard].remove(key);
-        if removed.is_some() {
-            self.mark(shard);
-            self.len -= 1;
-        }
-        removed
+        let slot = self.index.remove(key)?;
+        self.mark(slot);
+        self.free.push(slot);
+        self.slots[slot].take().map(|(_, entry)| entry)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&ProcessKey, &ProcessEntry)> {
-        self.shards.iter().flatten()
+        self.slots.iter().flatten().map(|(key, entry)| (key, entry))
     }
 
     pub fn keys(&self) -> impl Iterator<Item = &ProcessKey> {
@@ -109,9 +135,12 @@ impl ProcessTable {
         self.iter().map(|(_, entry)| entry)
     }
 
-    /// The shards, and whether each changed since the views were last built.
-    pub fn shards(&self) -> impl Iterator<Item = (&FxHashMap<ProcessKey, ProcessEntry>, bool)> {
-        self.shards.iter().zip(self.changed_now.iter().copied())
+    /// The shards (each up to `SHARD_SLOTS` slots), and whether each
+    /// changed since the views were last built.
+    pub fn shards(&self) -> impl Iterator<Item = (&[Option<(ProcessKey, ProcessEntry)>], bool)> {
+        self.slots
+            .chunks(SHARD_SLOTS)
+            .zip(self.changed_now.iter().copied())
     }
 
     /// The views were built: what changed now is shown; what changed now
@@ -177,16 +206,40 @@ mod tests {
     }
 
     #[test]
-    fn processes_spread_over_the_shards() {
+    fn freed_slots_are_reused_and_shards_follow_the_slots() {
         let mut table = ProcessTable::default();
-        for pid in 0..10_000 {
-            table.get_or_insert_with(ProcessKey { pid, start_ns: 0 }, entry);
+        let key = |pid| ProcessKey { pid, start_ns: 0 };
+        for pid in 0..100 {
+            assert_eq!(table.slot_or_insert_with(key(pid), entry), pid as usize);
         }
-        let used = table
+        assert_eq!(table.shards().count(), 100_usize.div_ceil(SHARD_SLOTS));
+        table.views_built();
+        table.views_built();
+        assert_eq!(changed(&table), 0);
+        let removed = table.remove(&key(37)).unwrap();
+        assert_eq!(removed.cgroup_id, 1);
+        assert_eq!(changed(&table), 1, "the shard that lost a process");
+        assert!(table.at(37).is_none());
+        assert_eq!(table.len(), 99);
+        // The next process takes the freed slot, and is found by key.
+        assert_eq!(table.slot_or_insert_with(key(1_000), entry), 37);
+        assert_eq!(table.slot_of(&key(1_000)), Some(37));
+        assert_eq!(
+            table.slot_or_insert_with(key(1_000), entry),
+            37,
+            "found, not made"
+        );
+        assert_eq!(table.len(), 100);
+        assert_eq!(table.iter().count(), 100);
+        table.views_built();
+        table.views_built();
+        table.at_mut(99).unwrap().interval_ns = 1;
+        let changed_shards: Vec<usize> = table
             .shards()
-            .filter(|(shard, _)| !shard.is_empty())
-            .count();
-        assert!(used > PROCESS_SHARDS * 9 / 10, "{used} shards used");
-        assert_eq!(table.iter().count(), 10_000);
+            .enumerate()
+            .filter(|(_, (_, changed))| *changed)
+            .map(|(index, _)| index)
+            .collect();
+        assert_eq!(changed_shards, vec![99 / SHARD_SLOTS]);
     }
 }

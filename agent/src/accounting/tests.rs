@@ -272,12 +272,26 @@ fn the_nodes_idle_watts_add_up_over_sockets() {
         ..Default::default()
     };
     let configured = |_: Domain| IdleBaseline::configured(12.5);
-    accounting.apply_energy(&[], &interval, 1.0, IdlePolicy::Unattributed, &configured);
+    accounting.apply_energy(
+        &[],
+        &[],
+        &interval,
+        1.0,
+        IdlePolicy::Unattributed,
+        &configured,
+    );
     let node = accounting.node_energy();
     assert_eq!(node.idle_watts[Domain::Package as usize], 25.0);
     assert_eq!(node.idle[Domain::Package as usize], 25.0);
     // The next interval starts again from zero, not from 25.
-    accounting.apply_energy(&[], &interval, 1.0, IdlePolicy::Unattributed, &configured);
+    accounting.apply_energy(
+        &[],
+        &[],
+        &interval,
+        1.0,
+        IdlePolicy::Unattributed,
+        &configured,
+    );
     assert_eq!(
         accounting.node_energy().idle_watts[Domain::Package as usize],
         25.0
@@ -307,7 +321,14 @@ fn a_process_on_socket_1_is_never_charged_socket_0() {
         ],
         ..Default::default()
     };
-    accounting.apply_energy(&usage, &interval, 1.0, IdlePolicy::Unattributed, &no_idle);
+    accounting.apply_energy(
+        &usage,
+        &accounting.usage_slots.clone(),
+        &interval,
+        1.0,
+        IdlePolicy::Unattributed,
+        &no_idle,
+    );
     let p10 = &accounting.processes()[&ProcessKey {
         pid: 10,
         start_ns: 1,
@@ -347,9 +368,14 @@ fn even_idle_is_shared_by_workloads_not_processes() {
         energies: vec![energy(Domain::Package, 0, 100.0)],
         ..Default::default()
     };
-    accounting.apply_energy(&usage, &interval, 1.0, IdlePolicy::Even, &|_| {
-        IdleBaseline::configured(20.0)
-    });
+    accounting.apply_energy(
+        &usage,
+        &accounting.usage_slots.clone(),
+        &interval,
+        1.0,
+        IdlePolicy::Even,
+        &|_| IdleBaseline::configured(20.0),
+    );
     let d = Domain::Package as usize;
     let container = accounting
         .workload(&format!("container:{CONTAINER}"))
@@ -393,7 +419,14 @@ fn gpu_energy_goes_to_the_processes_that_used_the_gpu() {
         gpu_activity: reading.activity,
         ..Default::default()
     };
-    accounting.apply_energy(&usage, &interval, 1.0, IdlePolicy::Unattributed, &no_idle);
+    accounting.apply_energy(
+        &usage,
+        &accounting.usage_slots.clone(),
+        &interval,
+        1.0,
+        IdlePolicy::Unattributed,
+        &no_idle,
+    );
     let gpu_joules = |pid| {
         accounting.processes()[&ProcessKey { pid, start_ns: 1 }]
             .energy
@@ -459,7 +492,7 @@ proptest! {
             energies: vec![energy(Domain::Package, 0, joules[0]), energy(Domain::Package, 1, joules[1])],
             ..Default::default()
         };
-        accounting.apply_energy(&usage, &interval, 1.0, policy, &|_| IdleBaseline::configured(idle_watts));
+        accounting.apply_energy(&usage, &accounting.usage_slots.clone(), &interval, 1.0, policy, &|_| IdleBaseline::configured(idle_watts));
         let d = Domain::Package as usize;
         let processes: f64 = accounting.processes().values().map(|p| p.energy.joules[d]).sum();
         let workloads: f64 = accounting.workloads().map(|w| w.energy.joules[d]).sum();

@@ -8,7 +8,9 @@
 //! switch logs ([`threads`]) and, when a log was full, `OVERFLOW`.
 
 pub mod btf;
+mod shared;
 pub mod threads;
+mod usage;
 
 use std::{
     collections::HashSet,

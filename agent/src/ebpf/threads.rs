@@ -21,190 +21,17 @@
 //! Between reads, `drain` does step 2 alone, when a log fills faster than
 //! the interval empties it.
 
-use std::{
-    io,
-    os::fd::BorrowedFd,
-    ptr::NonNull,
-    sync::atomic::{AtomicU64, Ordering},
-};
+use std::{io, sync::atomic::Ordering};
 
 use agent_common::{BaselineThread, Control, CpuLog, MAX_SOCKETS, RunningThread, SwitchRecord};
 use rustc_hash::FxHashMap;
+use std::collections::hash_map::Entry;
 
+pub use super::shared::SharedArray;
+use super::shared::u64_at;
+pub use super::usage::ProcessName;
+use super::usage::{Pending, Processes, UsageCache};
 use crate::cpu::{Comm, ProcessKey, ProcessUsage};
-
-/// An array of `T` shared with the kernel: a BPF array map created with
-/// `BPF_F_MMAPABLE` and mapped here, or (in tests) memory of our own.
-///
-/// The map is mapped in chunks as they are first used: the kernel puts
-/// every page of a mapping in place at once, so mapping all 19 MiB of
-/// `THREADS` would count them all in the agent's resident size although it
-/// reads only the slots in use (which the kernel keeps at the front).
-pub struct SharedArray<T> {
-    base: NonNull<T>,
-    len: usize,
-    /// The map's file descriptor (a duplicate of aya's), for chunks mapped
-    /// later; none for memory of our own.
-    map: Option<std::os::fd::OwnedFd>,
-    /// Bytes reserved at `base` (unmapped when dropped; 0 if not ours).
-    reserved_bytes: usize,
-    /// Whether each chunk of `CHUNK_BYTES` is mapped yet.
-    mapped: Vec<std::cell::Cell<bool>>,
-    /// Our own memory (tests), kept alive here.
-    _owned: Option<Box<[T]>>,
-}
-
-/// Bytes mapped at a time: 16 pages.
-const CHUNK_BYTES: usize = 64 * 1024;
-
-// SAFETY: the memory is shared with the kernel, which synchronises with
-// atomics; the agent uses an array from one thread at a time.
-unsafe impl<T: Send> Send for SharedArray<T> {}
-
-impl<T: Copy + Default> SharedArray<T> {
-    /// Reserves room for `len` elements of the array map behind `fd`; the
-    /// map's pages are mapped into it as they are used.
-    pub fn map(fd: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
-        assert!(
-            size_of::<T>().is_multiple_of(8),
-            "array elements are 8-byte aligned"
-        );
-        // SAFETY: sysconf has no preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        assert!(CHUNK_BYTES.is_multiple_of(page), "chunks are whole pages");
-        let bytes = (len * size_of::<T>()).div_ceil(page).max(1) * page;
-        // SAFETY: a fresh reservation of address space, inaccessible until
-        // chunks of the map are mapped over it.
-        let address = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if address == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let array = Self {
-            base: NonNull::new(address.cast()).expect("mmap returned null"),
-            len,
-            map: Some(fd.try_clone_to_owned()?),
-            reserved_bytes: bytes,
-            mapped: (0..bytes.div_ceil(CHUNK_BYTES))
-                .map(|_| std::cell::Cell::new(false))
-                .collect(),
-            _owned: None,
-        };
-        // The first chunk now, so that a map the kernel refuses to map fails
-        // here, with its name, rather than at the first read.
-        array.map_chunk(0)?;
-        Ok(array)
-    }
-
-    /// `len` zeroed elements of our own memory, standing in for the kernel's.
-    pub fn owned(len: usize) -> Self {
-        let mut owned = vec![T::default(); len].into_boxed_slice();
-        Self {
-            base: NonNull::new(owned.as_mut_ptr()).expect("boxed slice"),
-            len,
-            map: None,
-            reserved_bytes: 0,
-            mapped: Vec::new(),
-            _owned: Some(owned),
-        }
-    }
-
-    /// A second view of the same memory, which frees nothing (tests play
-    /// the kernel through it). It must not outlive `self`.
-    #[cfg(test)]
-    fn alias(&self) -> Self {
-        Self {
-            base: self.base,
-            len: self.len,
-            map: None,
-            reserved_bytes: 0,
-            mapped: Vec::new(),
-            _owned: None,
-        }
-    }
-}
-
-impl<T> SharedArray<T> {
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The element at `index`, if in bounds (and its pages could be
-    /// mapped).
-    pub fn at(&self, index: usize) -> Option<*mut T> {
-        if index >= self.len {
-            return None;
-        }
-        if self.map.is_some() {
-            let first = index * size_of::<T>() / CHUNK_BYTES;
-            let last = ((index + 1) * size_of::<T>() - 1) / CHUNK_BYTES;
-            for chunk in first..=last {
-                if !self.mapped[chunk].get()
-                    && let Err(error) = self.map_chunk(chunk)
-                {
-                    tracing::warn!("mapping a chunk of a shared array: {error}");
-                    return None;
-                }
-            }
-        }
-        // SAFETY: in bounds of the reservation, and mapped.
-        Some(unsafe { self.base.as_ptr().add(index) })
-    }
-
-    /// Maps chunk `chunk` of the map over its place in the reservation.
-    fn map_chunk(&self, chunk: usize) -> io::Result<()> {
-        let Some(map) = &self.map else {
-            return Ok(());
-        };
-        let offset = chunk * CHUNK_BYTES;
-        let bytes = CHUNK_BYTES.min(self.reserved_bytes - offset);
-        // SAFETY: replaces part of our own reservation (MAP_FIXED) with the
-        // same range of the map's memory.
-        let address = unsafe {
-            libc::mmap(
-                self.base.as_ptr().cast::<u8>().add(offset).cast(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_FIXED,
-                std::os::fd::AsRawFd::as_raw_fd(map),
-                offset as libc::off_t,
-            )
-        };
-        if address == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        self.mapped[chunk].set(true);
-        Ok(())
-    }
-}
-
-impl<T> Drop for SharedArray<T> {
-    fn drop(&mut self) {
-        if self.reserved_bytes > 0 {
-            // SAFETY: the reservation made in `map` (and the chunks mapped
-            // over it), not used after this.
-            unsafe { libc::munmap(self.base.as_ptr().cast(), self.reserved_bytes) };
-        }
-    }
-}
-
-fn u64_at(place: *mut u64) -> &'static AtomicU64 {
-    // SAFETY: an aligned u64 in shared memory that outlives the reference's
-    // use (callers use it at once).
-    unsafe { AtomicU64::from_ptr(place) }
-}
 
 /// The shared arrays, as the kernel programs see them.
 pub struct SharedMaps {
@@ -236,23 +63,16 @@ pub struct LogReading {
     pub errors: Vec<String>,
 }
 
-/// A process's name and start, from `PROCESS_EVENTS`, the baseline, or
-/// procfs.
-#[derive(Clone, Copy, Debug)]
-pub struct ProcessName {
-    pub start_ns: u64,
-    pub comm: Comm,
-}
-
 /// What the agent keeps per thread: its run time at its newest record,
 /// and, for handing a slice back to the CPU it ran on, the one before and
-/// the CPU of the newest.
+/// the CPU of the newest; and where its figures went in this read.
 #[derive(Clone, Copy, Debug)]
 struct ThreadTrack {
     tgid: u32,
+    last_cpu: u32,
     last_ns: u64,
     previous_ns: u64,
-    last_cpu: u32,
+    usage: UsageCache,
 }
 
 /// A thread: its task address and start time.
@@ -262,15 +82,12 @@ pub struct LogReader {
     maps: SharedMaps,
     cpus: usize,
     socket_of_cpu: Vec<usize>,
-    clock_ticks_per_second: u64,
     threads: FxHashMap<ThreadId, ThreadTrack>,
     /// Threads whose last record was read, with the read: an older record
     /// of theirs read later (from another CPU's log) must not bring them
     /// back as new.
     ended: FxHashMap<ThreadId, u64>,
-    processes: FxHashMap<u32, ProcessName>,
-    /// Names a process no event named (procfs, in the agent).
-    resolve: Box<dyn FnMut(u32) -> Option<ProcessName> + Send>,
+    processes: Processes,
     /// Per CPU, records read so far.
     consumed: Vec<u64>,
     /// Records of one drain, sorted (kept to reuse its memory).
@@ -278,18 +95,6 @@ pub struct LogReader {
     /// What drains between reads gathered for the next read.
     pending: Pending,
     read: u64,
-}
-
-#[derive(Default)]
-struct Pending {
-    /// Index into `usage` per (tgid, start, cgroup).
-    index: FxHashMap<(u32, u64, u64), usize>,
-    usage: Vec<ProcessUsage>,
-    threads_ended: Vec<ProcessKey>,
-    threads_new: Vec<ProcessKey>,
-    busy_ns_by_cpu: Vec<u64>,
-    records: usize,
-    unnamed: usize,
 }
 
 /// Reads after which an ended thread's older records can no longer come.
@@ -304,20 +109,15 @@ impl LogReader {
         resolve: Box<dyn FnMut(u32) -> Option<ProcessName> + Send>,
     ) -> Self {
         Self {
-            resolve,
             maps,
             cpus,
             socket_of_cpu,
-            clock_ticks_per_second,
             threads: FxHashMap::default(),
             ended: FxHashMap::default(),
-            processes: FxHashMap::default(),
+            processes: Processes::new(clock_ticks_per_second, resolve),
             consumed: vec![0; cpus],
             batch: Vec::new(),
-            pending: Pending {
-                busy_ns_by_cpu: vec![0; cpus],
-                ..Pending::default()
-            },
+            pending: Pending::new(cpus),
             read: 0,
         }
     }
@@ -329,51 +129,45 @@ impl LogReader {
             if record.task == 0 {
                 continue;
             }
-            self.processes.entry(record.tgid()).or_insert(ProcessName {
-                start_ns: thread.process_start_ns,
-                comm: Comm(thread.comm),
-            });
+            self.processes.name_if_unnamed(
+                record.tgid(),
+                ProcessName {
+                    start_ns: thread.process_start_ns,
+                    comm: Comm(thread.comm),
+                },
+            );
             self.threads
                 .entry(record.thread())
                 .and_modify(|track| track.last_ns = track.last_ns.max(record.runtime_ns))
                 .or_insert(ThreadTrack {
                     tgid: record.tgid(),
+                    last_cpu: u32::MAX,
                     last_ns: record.runtime_ns,
                     previous_ns: record.runtime_ns,
-                    last_cpu: u32::MAX,
+                    usage: UsageCache::default(),
                 });
         }
     }
 
     /// A process started or ran `execve` (or was looked up in procfs).
     pub fn name_process(&mut self, tgid: u32, name: ProcessName) {
-        self.processes.insert(tgid, name);
+        self.processes.name(tgid, name);
     }
 
-    /// Forgets a process that is gone.
+    /// Forgets a process that is gone (`start_ns` as in its key).
     pub fn forget_process(&mut self, tgid: u32, start_ns: u64) {
-        if self
-            .processes
-            .get(&tgid)
-            .is_some_and(|name| self.key_of(tgid, name.start_ns).start_ns == start_ns)
-        {
-            self.processes.remove(&tgid);
-        }
+        self.processes.forget(tgid, start_ns);
     }
 
     /// Keeps only threads of processes `alive` says exist (a thread whose
     /// last record was dropped would be kept forever otherwise).
     pub fn retain_processes(&mut self, alive: impl Fn(u32) -> bool) {
-        self.processes.retain(|tgid, _| alive(*tgid));
+        self.processes.retain(&alive);
         self.threads.retain(|_, track| alive(track.tgid));
     }
 
     pub fn threads_tracked(&self) -> usize {
         self.threads.len()
-    }
-
-    fn key_of(&self, tgid: u32, start_ns: u64) -> ProcessKey {
-        ProcessKey::at_tick(tgid, start_ns, self.clock_ticks_per_second)
     }
 
     /// Records written but not read yet, per CPU, at most.
@@ -489,15 +283,15 @@ impl LogReader {
         let read = self.read;
         self.ended
             .retain(|_, ended_at| read - *ended_at < ENDED_KEPT_READS);
-        // The index keeps its memory from read to read; the figures go out.
-        self.pending.index.clear();
-        let pending = &mut self.pending;
-        let usage = std::mem::take(&mut pending.usage);
-        let mut threads_ended = std::mem::take(&mut pending.threads_ended);
-        let threads_new = std::mem::take(&mut pending.threads_new);
-        let busy_ns_by_cpu = std::mem::replace(&mut pending.busy_ns_by_cpu, vec![0; self.cpus]);
-        let records = std::mem::take(&mut pending.records);
-        let unnamed = std::mem::take(&mut pending.unnamed);
+        let Pending {
+            usage,
+            mut threads_ended,
+            threads_new,
+            busy_ns_by_cpu,
+            records,
+            unnamed,
+            ..
+        } = self.pending.take();
         threads_ended.sort_unstable();
         threads_ended.dedup();
         LogReading {
@@ -518,126 +312,91 @@ impl LogReader {
         }
         self.pending.records += 1;
         let thread = record.thread();
-        let read = self.read;
-        let (slice, handed_back) = match self.threads.get_mut(&thread) {
-            Some(track) => {
-                if record.runtime_ns > track.last_ns {
-                    let slice = record.runtime_ns - track.last_ns;
-                    track.previous_ns = track.last_ns;
-                    track.last_ns = record.runtime_ns;
-                    track.last_cpu = cpu as u32;
-                    (slice, None)
-                } else if record.runtime_ns > track.previous_ns
-                    && track.last_cpu != cpu as u32
-                    && (track.last_cpu as usize) < self.cpus
-                {
-                    // An older record read after a newer one from another
-                    // CPU: that one took this record's slice for its own
-                    // CPU. Hand it back.
-                    let moved = record.runtime_ns - track.previous_ns;
-                    track.previous_ns = record.runtime_ns;
-                    (0, Some((track.last_cpu as usize, moved)))
-                } else {
-                    (0, None)
-                }
-            }
-            None => {
+        let tgid = record.tgid();
+        let cpu_number = cpu as u32;
+        let track = match self.threads.entry(thread) {
+            Entry::Occupied(track) => track.into_mut(),
+            Entry::Vacant(place) => {
                 if self.ended.contains_key(&thread) {
                     // An older record of a thread whose last one was read.
                     return;
                 }
                 // Not in the baseline: born since the programs were
                 // attached, so all of its run time is new.
-                self.threads.insert(
-                    thread,
-                    ThreadTrack {
-                        tgid: record.tgid(),
-                        last_ns: record.runtime_ns,
-                        previous_ns: 0,
-                        last_cpu: cpu as u32,
-                    },
-                );
-                let key = self.process_key(record.tgid());
-                self.pending.threads_new.push(key);
-                (record.runtime_ns, None)
+                let process = self.processes.state(tgid, &mut self.pending.unnamed);
+                self.pending.threads_new.push(process.key);
+                place.insert(ThreadTrack {
+                    tgid,
+                    last_cpu: cpu_number,
+                    last_ns: 0,
+                    previous_ns: 0,
+                    usage: UsageCache::default(),
+                })
             }
         };
-        if let Some((from_cpu, moved)) = handed_back {
-            let busy = &mut self.pending.busy_ns_by_cpu;
-            busy[from_cpu] = busy[from_cpu].saturating_sub(moved);
-            busy[cpu] += moved;
-            let (from_socket, to_socket) = (self.socket(from_cpu), self.socket(cpu));
-            if from_socket != to_socket
-                && let Some(usage) = self.usage_entry(record)
+        let (slice, handed_back) = if record.runtime_ns > track.last_ns {
+            let slice = record.runtime_ns - track.last_ns;
+            track.previous_ns = track.last_ns;
+            track.last_ns = record.runtime_ns;
+            track.last_cpu = cpu_number;
+            (slice, None)
+        } else if record.runtime_ns > track.previous_ns
+            && track.last_cpu != cpu_number
+            && (track.last_cpu as usize) < self.cpus
+        {
+            // An older record read after a newer one from another CPU:
+            // that one took this record's slice for its own CPU. Hand it
+            // back.
+            let moved = record.runtime_ns - track.previous_ns;
+            track.previous_ns = record.runtime_ns;
+            (0, Some((track.last_cpu as usize, moved)))
+        } else {
+            (0, None)
+        };
+        let socket = socket_of(&self.socket_of_cpu, cpu);
+        let moved_between_sockets = handed_back
+            .is_some_and(|(from_cpu, _)| socket_of(&self.socket_of_cpu, from_cpu) != socket);
+        if slice > 0 || moved_between_sockets {
+            let pending = &mut self.pending;
+            let index = pending.entry_index(
+                &mut track.usage,
+                &mut self.processes,
+                tgid,
+                record.cgroup_id,
+            );
+            let figures = &mut pending.usage[index].runtime_ns_by_socket;
+            figures[socket] += slice;
+            if let Some((from_cpu, moved)) = handed_back
+                && moved_between_sockets
             {
-                let figures = &mut usage.runtime_ns_by_socket;
+                let from_socket = socket_of(&self.socket_of_cpu, from_cpu);
                 let taken = figures[from_socket].min(moved);
                 figures[from_socket] -= taken;
-                figures[to_socket] += taken;
+                figures[socket] += taken;
             }
         }
-        if slice > 0 {
-            self.pending.busy_ns_by_cpu[cpu] += slice;
-            let socket = self.socket(cpu);
-            let usage = self.usage_entry(record).expect("created on demand");
-            usage.runtime_ns_by_socket[socket] += slice;
+        let busy = &mut self.pending.busy_ns_by_cpu;
+        busy[cpu] += slice;
+        if let Some((from_cpu, moved)) = handed_back {
+            busy[from_cpu] = busy[from_cpu].saturating_sub(moved);
+            busy[cpu] += moved;
         }
         if record.ended() {
             self.threads.remove(&thread);
-            self.ended.insert(thread, read);
-            let key = self.process_key(record.tgid());
-            self.pending.threads_ended.push(key);
+            self.ended.insert(thread, self.read);
+            let process = self.processes.state(tgid, &mut self.pending.unnamed);
+            self.pending.threads_ended.push(process.key);
         }
     }
+}
 
-    fn socket(&self, cpu: usize) -> usize {
-        self.socket_of_cpu
-            .get(cpu)
-            .copied()
-            .unwrap_or(0)
-            .min(MAX_SOCKETS - 1)
-    }
-
-    /// The process `tgid`'s name, looked up once if no event gave it.
-    fn name(&mut self, tgid: u32) -> ProcessName {
-        if let Some(name) = self.processes.get(&tgid) {
-            return *name;
-        }
-        self.pending.unnamed += 1;
-        let name = (self.resolve)(tgid).unwrap_or(ProcessName {
-            start_ns: 0,
-            comm: Comm::from_str_lossy("?"),
-        });
-        self.processes.insert(tgid, name);
-        name
-    }
-
-    fn process_key(&mut self, tgid: u32) -> ProcessKey {
-        let name = self.name(tgid);
-        self.key_of(tgid, name.start_ns)
-    }
-
-    /// This read's figures for the record's process and cgroup (created
-    /// when first charged).
-    fn usage_entry(&mut self, record: &SwitchRecord) -> Option<&mut ProcessUsage> {
-        let tgid = record.tgid();
-        let name = self.name(tgid);
-        let key = self.key_of(tgid, name.start_ns);
-        let pending = &mut self.pending;
-        let index = *pending
-            .index
-            .entry((tgid, key.start_ns, record.cgroup_id))
-            .or_insert_with(|| {
-                pending.usage.push(ProcessUsage {
-                    key,
-                    comm: name.comm,
-                    cgroup_id: record.cgroup_id,
-                    runtime_ns_by_socket: [0; MAX_SOCKETS],
-                });
-                pending.usage.len() - 1
-            });
-        pending.usage.get_mut(index)
-    }
+/// The socket of `cpu` (0 if unknown).
+fn socket_of(socket_of_cpu: &[usize], cpu: usize) -> usize {
+    socket_of_cpu
+        .get(cpu)
+        .copied()
+        .unwrap_or(0)
+        .min(MAX_SOCKETS - 1)
 }
 
 #[cfg(test)]

@@ -93,10 +93,44 @@ fn main() -> anyhow::Result<()> {
         return bench_churn(minutes);
     }
     let quick = args.iter().any(|a| a == "--quick");
+    // `--agent 1,2`: only those agent loads (numbered from 1 as printed),
+    // no switch path and no table of goals; for profiling one load.
+    let only_agent: Option<Vec<usize>> = args
+        .iter()
+        .position(|a| a == "--agent")
+        .and_then(|i| args.get(i + 1))
+        .map(|list| {
+            list.split(',')
+                .map(|n| n.trim().parse::<usize>().context("--agent N[,N...]"))
+                .collect::<anyhow::Result<_>>()
+        })
+        .transpose()?;
     let switch_seconds = if quick { 3 } else { 10 };
     let measure_seconds = if quick { 5 } else { 20 };
 
     println!("powerlens benchmarks (kernel {})", kernel_release());
+    if let Some(only) = only_agent {
+        let scenarios = agent_scenarios();
+        let raised = raise_pid_max(4_194_304)?;
+        for number in only {
+            let scenario = scenarios
+                .get(number.wrapping_sub(1))
+                .with_context(|| format!("--agent {number}: loads are 1..={}", scenarios.len()))?;
+            let scenario = if quick { scenario.quick() } else { *scenario };
+            let agent = bench_agent(&scenario, measure_seconds)?;
+            println!(
+                "{}: {:.2} ms per interval ({:.2} user, {:.2} system), {:.0} records, peak RSS {:.1} MiB",
+                scenario.label,
+                agent.cpu_ms_per_interval,
+                agent.user_ms_per_interval,
+                agent.system_ms_per_interval,
+                agent.visited_per_interval,
+                agent.peak_rss_mib
+            );
+        }
+        drop(raised);
+        return Ok(());
+    }
     let hot = bench_switch_path(switch_seconds, SwitchLoad::PingPong)?;
     let cold = bench_switch_path(
         switch_seconds,
@@ -114,61 +148,7 @@ fn main() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let base = Scenario {
-        label: "",
-        processes: 10_000,
-        threads_per_process: 1,
-        cgroups: 1_000,
-        period_ms: 1_000,
-        interval_ms: 1_000,
-        export: false,
-        cpu_goal_ms: None,
-        rss_goal_mib: None,
-    };
-    let mut scenarios = vec![
-        Scenario {
-            label: "10,000 processes in 1,000 cgroups, each waking every 1 s",
-            cpu_goal_ms: Some(5.0),
-            rss_goal_mib: Some(32.0),
-            ..base
-        },
-        Scenario {
-            label: "10,000 processes, 1% run per interval (each every 100 s)",
-            period_ms: 100_000,
-            cpu_goal_ms: Some(1.0),
-            ..base
-        },
-        Scenario {
-            label: "100,000 threads (1,000 x 100), each waking every 100 s",
-            processes: 1_000,
-            threads_per_process: 100,
-            cgroups: 100,
-            period_ms: 100_000,
-            cpu_goal_ms: Some(3.0),
-            rss_goal_mib: Some(64.0),
-            ..base
-        },
-        Scenario {
-            label: "1,000 processes each waking every 1 s, 100 ms interval",
-            processes: 1_000,
-            cgroups: 100,
-            interval_ms: 100,
-            // 1% of one CPU = 1 ms per 100 ms interval.
-            cpu_goal_ms: Some(1.0),
-            ..base
-        },
-        Scenario {
-            label: "10,000 processes each waking every 10 s (export baseline)",
-            period_ms: 10_000,
-            ..base
-        },
-        Scenario {
-            label: "the same, OTLP every 1 s + a scrape every 1 s",
-            period_ms: 10_000,
-            export: true,
-            ..base
-        },
-    ];
+    let mut scenarios = agent_scenarios();
     if quick {
         scenarios = scenarios.into_iter().map(Scenario::quick).collect();
     }
@@ -271,6 +251,65 @@ fn main() -> anyhow::Result<()> {
         "  OTLP points per export", exporting.points_per_export, exporting.exports
     );
     Ok(())
+}
+
+/// The agent loads, in the order they are printed.
+fn agent_scenarios() -> Vec<Scenario> {
+    let base = Scenario {
+        label: "",
+        processes: 10_000,
+        threads_per_process: 1,
+        cgroups: 1_000,
+        period_ms: 1_000,
+        interval_ms: 1_000,
+        export: false,
+        cpu_goal_ms: None,
+        rss_goal_mib: None,
+    };
+    vec![
+        Scenario {
+            label: "10,000 processes in 1,000 cgroups, each waking every 1 s",
+            cpu_goal_ms: Some(5.0),
+            rss_goal_mib: Some(32.0),
+            ..base
+        },
+        Scenario {
+            label: "10,000 processes, 1% run per interval (each every 100 s)",
+            period_ms: 100_000,
+            cpu_goal_ms: Some(1.0),
+            ..base
+        },
+        Scenario {
+            label: "100,000 threads (1,000 x 100), each waking every 100 s",
+            processes: 1_000,
+            threads_per_process: 100,
+            cgroups: 100,
+            period_ms: 100_000,
+            cpu_goal_ms: Some(3.0),
+            rss_goal_mib: Some(64.0),
+            ..base
+        },
+        Scenario {
+            label: "1,000 processes each waking every 1 s, 100 ms interval",
+            processes: 1_000,
+            cgroups: 100,
+            interval_ms: 100,
+            // 1% of one CPU = 1 ms per 100 ms interval.
+            cpu_goal_ms: Some(1.0),
+            ..base
+        },
+        Scenario {
+            label: "10,000 processes each waking every 10 s (export baseline)",
+            period_ms: 10_000,
+            ..base
+        },
+        Scenario {
+            label: "the same, OTLP every 1 s + a scrape every 1 s",
+            period_ms: 10_000,
+            export: true,
+            ..base
+        },
+    ]
 }
 
 /// Sets `kernel.pid_max` to at least `wanted` (100,000 threads need more
@@ -556,6 +595,7 @@ fn bench_agent(scenario: &Scenario, seconds: u64) -> anyhow::Result<AgentResult>
     let cpu_before = process_cpu_ns(pid);
     let sequence_before = agent.sequence();
     let read_before = threads_read(&agent);
+    println!("      measuring the agent (pid {pid}) for {seconds} s");
     let started = Instant::now();
     let mut scrape_bytes = 0;
     while started.elapsed() < Duration::from_secs(seconds) {
