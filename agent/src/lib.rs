@@ -20,6 +20,7 @@ pub mod procinfo;
 pub mod query;
 pub mod sinks;
 pub mod snapshot;
+pub mod sorted_table;
 pub mod table;
 pub mod top;
 pub mod topology;

@@ -4,7 +4,10 @@
 use std::time::{Duration, SystemTime};
 
 use super::{Accounting, Energy, NO_SLOT, ProcessEntry, Resolved, add_socket_ns, workload_key};
-use crate::cpu::{Comm, CpuReading, total_ns};
+use crate::{
+    cpu::{Comm, CpuReading, total_ns},
+    sorted_table::Cursor,
+};
 use std::sync::Arc;
 
 impl Accounting {
@@ -21,6 +24,9 @@ impl Accounting {
         let seq = self.seq;
         let mut usage_slots = std::mem::take(&mut self.usage_slots);
         usage_slots.clear();
+        // The reader gives processes in key order: one pass through the
+        // process index.
+        let mut cursor = Cursor::default();
         for usage in &reading.usage {
             // Each cgroup is resolved once, when first seen.
             let (slot, path) = match self.cgroup_slots.get(&usage.cgroup_id) {
@@ -72,21 +78,23 @@ impl Accounting {
 
             let mut moved_from = None;
             let mut is_new = false;
-            let process_slot = self.processes.slot_or_insert_with(usage.key, || {
-                is_new = true;
-                ProcessEntry {
-                    comm: usage.comm,
-                    cgroup_id: usage.cgroup_id,
-                    workload: slot,
-                    cpu_ns_by_socket: [0; agent_common::MAX_SOCKETS],
-                    interval_ns: 0,
-                    interval_seq: 0,
-                    energy: Energy::default(),
-                    first_seen: now,
-                    last_seen: now,
-                    exited_at: None,
-                }
-            });
+            let process_slot = self
+                .processes
+                .slot_or_insert_with(usage.key, &mut cursor, || {
+                    is_new = true;
+                    ProcessEntry {
+                        comm: usage.comm,
+                        cgroup_id: usage.cgroup_id,
+                        workload: slot,
+                        cpu_ns_by_socket: [0; agent_common::MAX_SOCKETS],
+                        interval_ns: 0,
+                        interval_seq: 0,
+                        energy: Energy::default(),
+                        first_seen: now,
+                        last_seen: now,
+                        exited_at: None,
+                    }
+                });
             usage_slots.push(process_slot);
             let Some(process) = self.processes.at_mut(process_slot) else {
                 continue;
@@ -126,6 +134,7 @@ impl Accounting {
         }
 
         self.usage_slots = usage_slots;
+        self.processes.settle();
 
         for key in &reading.exited {
             if let Some(process) = self.processes.get_mut(key)

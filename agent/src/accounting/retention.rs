@@ -83,6 +83,7 @@ impl Accounting {
             self.processes.remove(&key);
         }
         self.evict_exited_processes_over_the_bound();
+        self.processes.settle();
         for slot in 0..self.workload_slots.len() {
             if self.workload_slots[slot]
                 .as_ref()

@@ -1,14 +1,17 @@
 //! The process table: entries in stable slots (so an interval that found a
-//! process once refers to it by slot, not by a second hash lookup), found
-//! by key through one index, and grouped in shards of consecutive slots
+//! process once refers to it by slot, not by a second lookup), found by key
+//! through one sorted index (an interval's processes come from the reader
+//! in key order, so they meet the index in one forward pass: see
+//! `SortedTable`), and grouped in shards of consecutive slots
 //! that remember whether they changed, so a snapshot rebuilds only the
 //! views of shards that did: with 1% of 10,000 processes running in an
 //! interval, a few thousand views instead of all.
 
-use rustc_hash::FxHashMap;
-
 use super::ProcessEntry;
-use crate::cpu::ProcessKey;
+use crate::{
+    cpu::ProcessKey,
+    sorted_table::{Cursor, SortedTable},
+};
 
 /// Slots per shard: small enough that the few processes of a quiet
 /// interval rebuild few views, large enough that 10,000 processes make
@@ -20,7 +23,7 @@ pub const SHARD_SLOTS: usize = 16;
 pub struct ProcessTable {
     /// Freed slots are `None` until reused.
     slots: Vec<Option<(ProcessKey, ProcessEntry)>>,
-    index: FxHashMap<ProcessKey, usize>,
+    index: SortedTable<ProcessKey, usize>,
     free: Vec<usize>,
     /// A process of the shard changed in this interval: its views must be
     /// rebuilt now, and again next interval (when its figures "in the last
@@ -46,7 +49,7 @@ impl ProcessTable {
 
     /// The slot of `key`'s process, if it has one.
     pub fn slot_of(&self, key: &ProcessKey) -> Option<usize> {
-        self.index.get(key).copied()
+        self.index.get(key, &mut Cursor::default()).copied()
     }
 
     pub fn get(&self, key: &ProcessKey) -> Option<&ProcessEntry> {
@@ -54,7 +57,7 @@ impl ProcessTable {
     }
 
     pub fn contains_key(&self, key: &ProcessKey) -> bool {
-        self.index.contains_key(key)
+        self.slot_of(key).is_some()
     }
 
     /// The process in `slot`.
@@ -76,13 +79,15 @@ impl ProcessTable {
 
     /// The slot of `key`'s process, made by `make` if there is none (its
     /// shard is marked changed either way: the caller is about to change
-    /// it through `at_mut`).
+    /// it through `at_mut`). `cursor` is the pass's (see `SortedTable`);
+    /// call `settle` after the pass.
     pub fn slot_or_insert_with(
         &mut self,
         key: ProcessKey,
+        cursor: &mut Cursor,
         make: impl FnOnce() -> ProcessEntry,
     ) -> usize {
-        if let Some(slot) = self.slot_of(&key) {
+        if let Some(slot) = self.index.get(&key, cursor).copied() {
             self.mark(slot);
             return slot;
         }
@@ -98,7 +103,7 @@ impl ProcessTable {
             }
         };
         self.slots[slot] = Some((key, make()));
-        self.index.insert(key, slot);
+        self.index.insert(key, slot, cursor);
         self.mark(slot);
         slot
     }
@@ -109,15 +114,18 @@ impl ProcessTable {
         key: ProcessKey,
         make: impl FnOnce() -> ProcessEntry,
     ) -> &mut ProcessEntry {
-        let slot = self.slot_or_insert_with(key, make);
+        let slot = self.slot_or_insert_with(key, &mut Cursor::default(), make);
+        self.settle();
         self.slots[slot]
             .as_mut()
             .map(|(_, entry)| entry)
             .expect("just filled")
     }
 
+    /// Forgets `key`'s process (call `settle` after a batch of these).
     pub fn remove(&mut self, key: &ProcessKey) -> Option<ProcessEntry> {
-        let slot = self.index.remove(key)?;
+        let slot = self.slot_of(key)?;
+        self.index.remove(key);
         self.mark(slot);
         self.free.push(slot);
         self.slots[slot].take().map(|(_, entry)| entry)
@@ -141,6 +149,11 @@ impl ProcessTable {
         self.slots
             .chunks(SHARD_SLOTS)
             .zip(self.changed_now.iter().copied())
+    }
+
+    /// After a pass of lookups, inserts or removals (see `SortedTable`).
+    pub fn settle(&mut self) {
+        self.index.settle();
     }
 
     /// The views were built: what changed now is shown; what changed now
@@ -210,7 +223,8 @@ mod tests {
         let mut table = ProcessTable::default();
         let key = |pid| ProcessKey { pid, start_ns: 0 };
         for pid in 0..100 {
-            assert_eq!(table.slot_or_insert_with(key(pid), entry), pid as usize);
+            let slot = table.slot_or_insert_with(key(pid), &mut Cursor::default(), entry);
+            assert_eq!(slot, pid as usize);
         }
         assert_eq!(table.shards().count(), 100_usize.div_ceil(SHARD_SLOTS));
         table.views_built();
@@ -222,13 +236,14 @@ mod tests {
         assert!(table.at(37).is_none());
         assert_eq!(table.len(), 99);
         // The next process takes the freed slot, and is found by key.
-        assert_eq!(table.slot_or_insert_with(key(1_000), entry), 37);
-        assert_eq!(table.slot_of(&key(1_000)), Some(37));
+        table.settle();
         assert_eq!(
-            table.slot_or_insert_with(key(1_000), entry),
-            37,
-            "found, not made"
+            table.slot_or_insert_with(key(1_000), &mut Cursor::default(), entry),
+            37
         );
+        assert_eq!(table.slot_of(&key(1_000)), Some(37));
+        let again = table.slot_or_insert_with(key(1_000), &mut Cursor::default(), entry);
+        assert_eq!(again, 37, "found, not made");
         assert_eq!(table.len(), 100);
         assert_eq!(table.iter().count(), 100);
         table.views_built();

@@ -25,13 +25,15 @@ use std::{io, sync::atomic::Ordering};
 
 use agent_common::{BaselineThread, Control, CpuLog, MAX_SOCKETS, RunningThread, SwitchRecord};
 use rustc_hash::FxHashMap;
-use std::collections::hash_map::Entry;
 
 pub use super::shared::SharedArray;
 use super::shared::u64_at;
 pub use super::usage::ProcessName;
 use super::usage::{Pending, Processes, UsageCache};
-use crate::cpu::{Comm, ProcessKey, ProcessUsage};
+use crate::{
+    cpu::{Comm, ProcessKey, ProcessUsage},
+    sorted_table::{Cursor, SortedTable},
+};
 
 /// The shared arrays, as the kernel programs see them.
 pub struct SharedMaps {
@@ -66,9 +68,8 @@ pub struct LogReading {
 /// What the agent keeps per thread: its run time at its newest record,
 /// and, for handing a slice back to the CPU it ran on, the one before and
 /// the CPU of the newest; and where its figures went in this read.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 struct ThreadTrack {
-    tgid: u32,
     last_cpu: u32,
     last_ns: u64,
     previous_ns: u64,
@@ -78,11 +79,26 @@ struct ThreadTrack {
 /// A thread: its task address and start time.
 type ThreadId = (u64, u64);
 
+/// A thread as the thread table orders it: by process first, so that a
+/// pass meets each process's threads together, and the processes in order.
+type ThreadKey = (u32, u64, u64);
+
+fn thread_key(record: &SwitchRecord) -> ThreadKey {
+    (record.tgid(), record.task, record.thread_start_ns)
+}
+
+/// A pass's places in the reader's tables.
+#[derive(Default)]
+struct Cursors {
+    threads: Cursor,
+    processes: Cursor,
+}
+
 pub struct LogReader {
     maps: SharedMaps,
     cpus: usize,
     socket_of_cpu: Vec<usize>,
-    threads: FxHashMap<ThreadId, ThreadTrack>,
+    threads: SortedTable<ThreadKey, ThreadTrack>,
     /// Threads whose last record was read, with the read: an older record
     /// of theirs read later (from another CPU's log) must not bring them
     /// back as new.
@@ -112,7 +128,7 @@ impl LogReader {
             maps,
             cpus,
             socket_of_cpu,
-            threads: FxHashMap::default(),
+            threads: SortedTable::default(),
             ended: FxHashMap::default(),
             processes: Processes::new(clock_ticks_per_second, resolve),
             consumed: vec![0; cpus],
@@ -136,17 +152,26 @@ impl LogReader {
                     comm: Comm(thread.comm),
                 },
             );
-            self.threads
-                .entry(record.thread())
-                .and_modify(|track| track.last_ns = track.last_ns.max(record.runtime_ns))
-                .or_insert(ThreadTrack {
-                    tgid: record.tgid(),
-                    last_cpu: u32::MAX,
-                    last_ns: record.runtime_ns,
-                    previous_ns: record.runtime_ns,
-                    usage: UsageCache::default(),
-                });
+            let mut cursor = Cursor::default();
+            let key = thread_key(record);
+            match self.threads.get_mut(&key, &mut cursor) {
+                Some(track) => track.last_ns = track.last_ns.max(record.runtime_ns),
+                None => {
+                    self.threads.insert(
+                        key,
+                        ThreadTrack {
+                            last_cpu: u32::MAX,
+                            last_ns: record.runtime_ns,
+                            previous_ns: record.runtime_ns,
+                            usage: UsageCache::default(),
+                        },
+                        &mut cursor,
+                    );
+                }
+            }
         }
+        self.threads.settle();
+        self.processes.settle();
     }
 
     /// A process started or ran `execve` (or was looked up in procfs).
@@ -163,7 +188,7 @@ impl LogReader {
     /// last record was dropped would be kept forever otherwise).
     pub fn retain_processes(&mut self, alive: impl Fn(u32) -> bool) {
         self.processes.retain(&alive);
-        self.threads.retain(|_, track| alive(track.tgid));
+        self.threads.retain(|(tgid, _, _), _| alive(*tgid));
     }
 
     pub fn threads_tracked(&self) -> usize {
@@ -222,12 +247,15 @@ impl LogReader {
                 u64_at(unsafe { &raw mut (*log).consumed }).store(written, Ordering::Release);
             }
         }
-        batch.sort_unstable_by_key(|(record, _)| {
-            (record.task, record.thread_start_ns, record.runtime_ns)
-        });
+        batch.sort_unstable_by_key(|(record, _)| (thread_key(record), record.runtime_ns));
+        // The records are in the thread table's order, and so in the
+        // process table's: one forward pass through each.
+        let mut cursors = Cursors::default();
         for (record, cpu) in &batch {
-            self.apply(record, *cpu as usize);
+            self.apply(record, *cpu as usize, &mut cursors);
         }
+        self.threads.settle();
+        self.processes.settle();
         self.batch = batch;
     }
 
@@ -274,12 +302,15 @@ impl LogReader {
             // returned.
             let found = unsafe { std::ptr::read_volatile(running) };
             if found.read == self.read && found.record.task != 0 {
-                self.apply(&found.record, cpu);
+                self.apply(&found.record, cpu, &mut Cursors::default());
             }
         }
         for (record, cpu) in overflow {
-            self.apply(record, (*cpu as usize).min(self.cpus.saturating_sub(1)));
+            let cpu = (*cpu as usize).min(self.cpus.saturating_sub(1));
+            self.apply(record, cpu, &mut Cursors::default());
         }
+        self.threads.settle();
+        self.processes.settle();
         let read = self.read;
         self.ended
             .retain(|_, ended_at| read - *ended_at < ENDED_KEPT_READS);
@@ -306,32 +337,33 @@ impl LogReader {
     }
 
     /// Charges what `record`, written on `cpu`, adds to its thread.
-    fn apply(&mut self, record: &SwitchRecord, cpu: usize) {
+    /// `cursors` are the pass's through the tables.
+    fn apply(&mut self, record: &SwitchRecord, cpu: usize, cursors: &mut Cursors) {
         if record.task == 0 {
             return;
         }
         self.pending.records += 1;
-        let thread = record.thread();
+        let key = thread_key(record);
         let tgid = record.tgid();
         let cpu_number = cpu as u32;
-        let track = match self.threads.entry(thread) {
-            Entry::Occupied(track) => track.into_mut(),
-            Entry::Vacant(place) => {
-                if self.ended.contains_key(&thread) {
+        let track = match self.threads.get_mut(&key, &mut cursors.threads) {
+            Some(track) => track,
+            None => {
+                if self.ended.contains_key(&record.thread()) {
                     // An older record of a thread whose last one was read.
                     return;
                 }
                 // Not in the baseline: born since the programs were
                 // attached, so all of its run time is new.
-                let process = self.processes.state(tgid, &mut self.pending.unnamed);
+                let process =
+                    self.processes
+                        .state(tgid, &mut cursors.processes, &mut self.pending.unnamed);
                 self.pending.threads_new.push(process.key);
-                place.insert(ThreadTrack {
-                    tgid,
+                let track = ThreadTrack {
                     last_cpu: cpu_number,
-                    last_ns: 0,
-                    previous_ns: 0,
-                    usage: UsageCache::default(),
-                })
+                    ..ThreadTrack::default()
+                };
+                self.threads.insert(key, track, &mut cursors.threads)
             }
         };
         let (slice, handed_back) = if record.runtime_ns > track.last_ns {
@@ -361,6 +393,7 @@ impl LogReader {
             let index = pending.entry_index(
                 &mut track.usage,
                 &mut self.processes,
+                &mut cursors.processes,
                 tgid,
                 record.cgroup_id,
             );
@@ -382,9 +415,11 @@ impl LogReader {
             busy[cpu] += moved;
         }
         if record.ended() {
-            self.threads.remove(&thread);
-            self.ended.insert(thread, self.read);
-            let process = self.processes.state(tgid, &mut self.pending.unnamed);
+            self.threads.remove(&key);
+            self.ended.insert(record.thread(), self.read);
+            let process =
+                self.processes
+                    .state(tgid, &mut cursors.processes, &mut self.pending.unnamed);
             self.pending.threads_ended.push(process.key);
         }
     }

@@ -7,11 +7,12 @@
 //! through its process (one more lookup). A process whose threads run in
 //! several cgroups in one read has one entry per cgroup, chained.
 
-use rustc_hash::FxHashMap;
-
 use agent_common::MAX_SOCKETS;
 
-use crate::cpu::{Comm, ProcessKey, ProcessUsage};
+use crate::{
+    cpu::{Comm, ProcessKey, ProcessUsage},
+    sorted_table::{Cursor, SortedTable},
+};
 
 /// A process's name and start, from `PROCESS_EVENTS`, the baseline, or
 /// procfs.
@@ -44,7 +45,8 @@ const NONE: u32 = u32::MAX;
 
 /// The processes the reader has seen, by tgid.
 pub(super) struct Processes {
-    states: FxHashMap<u32, ProcessState>,
+    /// Sorted: a pass meets the processes in order (see `SortedTable`).
+    states: SortedTable<u32, ProcessState>,
     /// Names a process no event named (procfs, in the agent).
     resolve: Box<dyn FnMut(u32) -> Option<ProcessName> + Send>,
     clock_ticks_per_second: u64,
@@ -56,7 +58,7 @@ impl Processes {
         resolve: Box<dyn FnMut(u32) -> Option<ProcessName> + Send>,
     ) -> Self {
         Self {
-            states: FxHashMap::default(),
+            states: SortedTable::default(),
             resolve,
             clock_ticks_per_second,
         }
@@ -74,12 +76,12 @@ impl Processes {
     /// Names `tgid` (a new name replaces the old: a reused PID).
     pub fn name(&mut self, tgid: u32, name: ProcessName) {
         let state = self.state_of(tgid, name);
-        self.states.insert(tgid, state);
+        self.states.insert(tgid, state, &mut Cursor::default());
     }
 
     /// Names `tgid` unless it has a name.
     pub fn name_if_unnamed(&mut self, tgid: u32, name: ProcessName) {
-        if !self.states.contains_key(&tgid) {
+        if self.states.get(&tgid, &mut Cursor::default()).is_none() {
             self.name(tgid, name);
         }
     }
@@ -89,7 +91,7 @@ impl Processes {
     pub fn forget(&mut self, tgid: u32, start_ns: u64) {
         if self
             .states
-            .get(&tgid)
+            .get(&tgid, &mut Cursor::default())
             .is_some_and(|state| state.key.start_ns == start_ns)
         {
             self.states.remove(&tgid);
@@ -100,19 +102,29 @@ impl Processes {
         self.states.retain(|tgid, _| alive(*tgid));
     }
 
+    /// After a pass (see `SortedTable::settle`).
+    pub fn settle(&mut self) {
+        self.states.settle();
+    }
+
     /// The process `tgid`, looked up once (counted in `unnamed`) if no
-    /// event named it.
-    pub fn state(&mut self, tgid: u32, unnamed: &mut usize) -> &mut ProcessState {
-        if !self.states.contains_key(&tgid) {
+    /// event named it. `cursor` is the pass's.
+    pub fn state(
+        &mut self,
+        tgid: u32,
+        cursor: &mut Cursor,
+        unnamed: &mut usize,
+    ) -> &mut ProcessState {
+        if self.states.get(&tgid, cursor).is_none() {
             *unnamed += 1;
             let name = (self.resolve)(tgid).unwrap_or(ProcessName {
                 start_ns: 0,
                 comm: Comm::from_str_lossy("?"),
             });
             let state = self.state_of(tgid, name);
-            self.states.insert(tgid, state);
+            return self.states.insert(tgid, state, cursor);
         }
-        self.states.get_mut(&tgid).expect("inserted above")
+        self.states.get_mut(&tgid, cursor).expect("found above")
     }
 }
 
@@ -148,6 +160,7 @@ impl Pending {
         &mut self,
         cache: &mut UsageCache,
         processes: &mut Processes,
+        cursor: &mut Cursor,
         tgid: u32,
         cgroup_id: u64,
     ) -> usize {
@@ -162,7 +175,7 @@ impl Pending {
         {
             return cache.index as usize;
         }
-        let process = processes.state(tgid, &mut self.unnamed);
+        let process = processes.state(tgid, cursor, &mut self.unnamed);
         let newest = if process.usage_generation == generation {
             process.usage_index
         } else {
@@ -228,22 +241,28 @@ mod tests {
         let mut processes = processes();
         let mut pending = Pending::new(1);
         let (mut a, mut b, mut c) = Default::default();
-        let first = pending.entry_index(&mut a, &mut processes, 1, 10);
-        assert_eq!(pending.entry_index(&mut a, &mut processes, 1, 10), first);
+        let first = pending.entry_index(&mut a, &mut processes, &mut Cursor::default(), 1, 10);
         assert_eq!(
-            pending.entry_index(&mut b, &mut processes, 1, 10),
+            pending.entry_index(&mut a, &mut processes, &mut Cursor::default(), 1, 10),
+            first
+        );
+        assert_eq!(
+            pending.entry_index(&mut b, &mut processes, &mut Cursor::default(), 1, 10),
             first,
             "another thread"
         );
-        let moved = pending.entry_index(&mut b, &mut processes, 1, 20);
+        let moved = pending.entry_index(&mut b, &mut processes, &mut Cursor::default(), 1, 20);
         assert_ne!(moved, first, "another cgroup");
         assert_eq!(
-            pending.entry_index(&mut c, &mut processes, 1, 10),
+            pending.entry_index(&mut c, &mut processes, &mut Cursor::default(), 1, 10),
             first,
             "down the chain"
         );
-        assert_eq!(pending.entry_index(&mut c, &mut processes, 1, 20), moved);
-        let other = pending.entry_index(&mut c, &mut processes, 2, 20);
+        assert_eq!(
+            pending.entry_index(&mut c, &mut processes, &mut Cursor::default(), 1, 20),
+            moved
+        );
+        let other = pending.entry_index(&mut c, &mut processes, &mut Cursor::default(), 2, 20);
         assert_eq!(pending.usage.len(), 3);
         assert_eq!(pending.usage[other].key.pid, 2);
         assert_eq!(pending.unnamed, 0);
@@ -252,9 +271,12 @@ mod tests {
         let taken = pending.take();
         assert_eq!(taken.usage.len(), 3);
         assert!(pending.usage.is_empty());
-        let again = pending.entry_index(&mut a, &mut processes, 1, 10);
+        let again = pending.entry_index(&mut a, &mut processes, &mut Cursor::default(), 1, 10);
         assert_eq!(again, 0);
-        assert_eq!(pending.entry_index(&mut c, &mut processes, 2, 20), 1);
+        assert_eq!(
+            pending.entry_index(&mut c, &mut processes, &mut Cursor::default(), 2, 20),
+            1
+        );
         assert_eq!(pending.usage.len(), 2);
     }
 
@@ -263,7 +285,13 @@ mod tests {
         let mut processes = processes();
         let mut pending = Pending::new(1);
         let (mut old_thread, mut new_thread) = Default::default();
-        let old = pending.entry_index(&mut old_thread, &mut processes, 1, 10);
+        let old = pending.entry_index(
+            &mut old_thread,
+            &mut processes,
+            &mut Cursor::default(),
+            1,
+            10,
+        );
         processes.name(
             1,
             ProcessName {
@@ -271,7 +299,13 @@ mod tests {
                 comm: Comm::from_str_lossy("new"),
             },
         );
-        let new = pending.entry_index(&mut new_thread, &mut processes, 1, 10);
+        let new = pending.entry_index(
+            &mut new_thread,
+            &mut processes,
+            &mut Cursor::default(),
+            1,
+            10,
+        );
         assert_ne!(old, new);
         assert_eq!(pending.usage[new].comm, Comm::from_str_lossy("new"));
     }
