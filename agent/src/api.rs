@@ -211,13 +211,19 @@ async fn list_processes(
                 Some(uid) => format!("container:{}@uid{uid}", container.container_id),
                 None => format!("container:{}", container.container_id),
             };
-            Some(snapshot.workloads.iter().position(|w| *w.key == *key))
+            Some(
+                snapshot
+                    .workloads
+                    .iter_slots()
+                    .find(|(_, w)| *w.key == *key)
+                    .map(|(slot, _)| slot),
+            )
         }
     };
     let mut selected: Vec<&ProcessView> = snapshot
         .processes
         .iter()
-        .filter(|p| workload_filter.is_none_or(|index| snapshot.workload_index(p) == index))
+        .filter(|p| workload_filter.is_none_or(|slot| Some(p.workload_slot) == slot))
         .collect();
     selected.sort_unstable_by_key(|p| p.key);
     let total = selected.len();

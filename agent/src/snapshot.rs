@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use rustc_hash::FxHashMap;
 
 use crate::{
-    accounting::{Accounting, DomainJoules, NodeEnergy},
+    accounting::{Accounting, DomainJoules, NodeEnergy, table::SHARD_SLOTS},
     cgroup::Workload,
     cpu::{Comm, Method, ProcessKey, ProgramStats, SocketNs, total_ns},
     energy::{
@@ -122,9 +122,7 @@ pub struct Snapshot {
     /// CPU sockets of this machine.
     pub sockets: usize,
     pub processes: ProcessViews,
-    pub workloads: Vec<WorkloadView>,
-    /// Index in `workloads` of each workload slot (`usize::MAX`: none).
-    workload_index_of_slot: Vec<usize>,
+    pub workloads: WorkloadViews,
     /// Paths of the cgroups processes are in, by cgroup id.
     pub cgroup_paths: Arc<FxHashMap<u64, Arc<str>>>,
     pub node: NodeView,
@@ -159,8 +157,7 @@ impl Snapshot {
             method,
             sockets: 1,
             processes: ProcessViews::default(),
-            workloads: Vec::new(),
-            workload_index_of_slot: Vec::new(),
+            workloads: WorkloadViews::default(),
             cgroup_paths: Arc::default(),
             node: NodeView::default(),
             losses: Vec::new(),
@@ -184,26 +181,42 @@ impl Snapshot {
     /// ran copies a few hundred views, not all 10,000.
     pub fn build(accounting: &Accounting, base: SnapshotBase, previous: Option<&Snapshot>) -> Self {
         let seq = accounting.seq();
-        let slots = accounting.workload_slots();
-        let mut workload_index_of_slot = vec![usize::MAX; slots.len()];
-        let mut workloads = Vec::with_capacity(slots.len());
-        for (slot, entry) in slots.iter().enumerate() {
-            let Some(w) = entry else { continue };
-            workload_index_of_slot[slot] = workloads.len();
-            workloads.push(WorkloadView {
-                key: Arc::clone(&w.key),
-                workload: Arc::clone(&w.workload),
-                cgroup_path: w.cgroup_path.clone(),
-                cpu_ns_by_socket: w.cpu_ns_by_socket,
-                interval_ns: current(w.interval_seq, seq, w.interval_ns),
-                energy_joules: w.energy.joules,
-                interval_energy_joules: w.energy.interval(seq),
-                first_seen: w.first_seen,
-                last_seen: w.last_seen,
-                exited_at: w.exited_at,
-                live_processes: w.live_processes,
-            });
-        }
+        // As for processes below: only shards with a workload that changed
+        // are built again (a view holds three shared pointers, each a cold
+        // cache line to count: 1,000 workloads cost more than their figures).
+        let reusable = previous.map(|p| &p.workloads.shards);
+        let workload_shards: Vec<Arc<[Option<WorkloadView>]>> = accounting
+            .workload_table()
+            .shards()
+            .enumerate()
+            .map(
+                |(index, (shard, changed))| match reusable.and_then(|old| old.get(index)) {
+                    Some(old) if !changed => Arc::clone(old),
+                    _ => shard
+                        .iter()
+                        .map(|entry| {
+                            entry.as_ref().map(|w| WorkloadView {
+                                key: Arc::clone(&w.key),
+                                workload: Arc::clone(&w.workload),
+                                cgroup_path: w.cgroup_path.clone(),
+                                cpu_ns_by_socket: w.cpu_ns_by_socket,
+                                interval_ns: current(w.interval_seq, seq, w.interval_ns),
+                                energy_joules: w.energy.joules,
+                                interval_energy_joules: w.energy.interval(seq),
+                                first_seen: w.first_seen,
+                                last_seen: w.last_seen,
+                                exited_at: w.exited_at,
+                                live_processes: w.live_processes,
+                            })
+                        })
+                        .collect(),
+                },
+            )
+            .collect();
+        let workloads = WorkloadViews {
+            shards: workload_shards,
+            len: accounting.workload_table().len(),
+        };
         // The table's shards only grow in number, and a new one is marked
         // changed: an unchanged shard has its view in the previous snapshot.
         let reusable = previous.map(|p| &p.processes.shards);
@@ -248,7 +261,6 @@ impl Snapshot {
             sockets: base.sockets,
             processes,
             workloads,
-            workload_index_of_slot,
             // Shared with the previous snapshot unless a cgroup came or went.
             cgroup_paths: match previous {
                 Some(previous) if !accounting.cgroups_changed() => {
@@ -281,29 +293,74 @@ impl Snapshot {
         }
     }
 
-    /// Tests that write `workloads` by hand: slot N is the Nth workload.
-    #[cfg(test)]
-    pub fn slots_are_positions(&mut self) {
-        self.workload_index_of_slot = (0..self.workloads.len()).collect();
-    }
-
     /// The workload `process` belongs to.
     pub fn workload_of(&self, process: &ProcessView) -> Option<&WorkloadView> {
-        self.workloads.get(self.workload_index(process)?)
-    }
-
-    /// The index in `workloads` of `process`'s workload.
-    pub fn workload_index(&self, process: &ProcessView) -> Option<usize> {
-        self.workload_index_of_slot
-            .get(process.workload_slot)
-            .copied()
-            .filter(|index| *index != usize::MAX)
+        self.workloads.get(process.workload_slot)
     }
 
     pub fn containers(&self) -> impl Iterator<Item = &WorkloadView> {
         self.workloads
             .iter()
             .filter(|w| matches!(*w.workload, Workload::Container { .. }))
+    }
+}
+
+/// The workloads of a snapshot, by slot, in the shards of the accounting's
+/// table (shared between snapshots while unchanged).
+#[derive(Clone, Debug, Default)]
+pub struct WorkloadViews {
+    shards: Vec<Arc<[Option<WorkloadView>]>>,
+    len: usize,
+}
+
+impl WorkloadViews {
+    pub fn iter(&self) -> impl Iterator<Item = &WorkloadView> {
+        self.iter_slots().map(|(_, view)| view)
+    }
+
+    /// The workloads with their slots (`ProcessView::workload_slot`).
+    pub fn iter_slots(&self) -> impl Iterator<Item = (usize, &WorkloadView)> {
+        self.shards
+            .iter()
+            .flat_map(|shard| shard.iter())
+            .enumerate()
+            .filter_map(|(slot, view)| Some((slot, view.as_ref()?)))
+    }
+
+    /// The workload in `slot`.
+    pub fn get(&self, slot: usize) -> Option<&WorkloadView> {
+        self.shards
+            .get(slot / SHARD_SLOTS)?
+            .get(slot % SHARD_SLOTS)?
+            .as_ref()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Tests write workloads by hand: the Nth is in slot N.
+impl From<Vec<WorkloadView>> for WorkloadViews {
+    fn from(views: Vec<WorkloadView>) -> Self {
+        let len = views.len();
+        let slots: Vec<Option<WorkloadView>> = views.into_iter().map(Some).collect();
+        Self {
+            shards: slots.chunks(SHARD_SLOTS).map(Arc::from).collect(),
+            len,
+        }
+    }
+}
+
+impl std::ops::Index<usize> for WorkloadViews {
+    type Output = WorkloadView;
+
+    fn index(&self, slot: usize) -> &WorkloadView {
+        self.get(slot).expect("no workload in this slot")
     }
 }
 

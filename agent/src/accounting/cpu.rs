@@ -30,7 +30,7 @@ impl Accounting {
         for usage in &reading.usage {
             // Each cgroup is resolved once, when first seen.
             let (slot, path) = match self.cgroup_slots.get(&usage.cgroup_id) {
-                Some((slot, path)) if self.workload_slots[*slot].is_some() => (*slot, path.clone()),
+                Some((slot, path)) if self.workloads.get(*slot).is_some() => (*slot, path.clone()),
                 _ => {
                     let resolved = resolve(usage.cgroup_id);
                     let key = Arc::from(workload_key(&resolved.workload));
@@ -46,7 +46,7 @@ impl Accounting {
             };
             let delta = total_ns(&usage.runtime_ns_by_socket);
 
-            let Some(workload_entry) = self.workload_slots[slot].as_mut() else {
+            let Some(workload_entry) = self.workloads.get_mut(slot) else {
                 usage_slots.push(NO_SLOT);
                 continue;
             };
@@ -124,10 +124,10 @@ impl Accounting {
 
             // The live count follows the process (new, or moved cgroups).
             if is_new || moved_from.is_some() || revived {
-                if let Some(old) = moved_from.and_then(|s| self.workload_slots[s].as_mut()) {
+                if let Some(old) = moved_from.and_then(|s| self.workloads.get_mut(s)) {
                     old.live_processes = old.live_processes.saturating_sub(1);
                 }
-                if alive && let Some(new) = self.workload_slots[slot].as_mut() {
+                if alive && let Some(new) = self.workloads.get_mut(slot) {
                     new.live_processes += 1;
                 }
             }
@@ -142,7 +142,7 @@ impl Accounting {
             {
                 process.exited_at = Some(now);
                 self.exit_order.push_back((now, *key));
-                if let Some(w) = self.workload_slots[process.workload].as_mut() {
+                if let Some(w) = self.workloads.get_mut(process.workload) {
                     w.live_processes = w.live_processes.saturating_sub(1);
                 }
             }

@@ -122,7 +122,7 @@ impl Accounting {
                     });
                 match charged {
                     Some(slot) => {
-                        if let Some(workload) = self.workload_slots[slot].as_mut() {
+                        if let Some(workload) = self.workloads.get_mut(slot) {
                             workload.energy.charge(domain, joules, seq);
                         }
                         attributed += joules;

@@ -17,7 +17,7 @@ use std::{
 
 use rustc_hash::FxHashMap;
 
-pub use self::table::ProcessTable;
+pub use self::{slots::WorkloadTable, table::ProcessTable};
 use crate::{
     cgroup::Workload,
     cpu::{Comm, CpuReading, ProcessKey, SocketNs},
@@ -118,7 +118,7 @@ pub fn workload_key(workload: &Workload) -> String {
 pub struct ProcessEntry {
     pub comm: Comm,
     pub cgroup_id: u64,
-    /// Slot of the process's workload in `Accounting::workload_slots`.
+    /// Slot of the process's workload in `Accounting::workloads`.
     pub workload: usize,
     pub cpu_ns_by_socket: SocketNs,
     /// CPU time in the interval numbered `interval_seq`.
@@ -161,10 +161,8 @@ pub struct NodeCpu {
 pub struct Accounting {
     processes: ProcessTable,
     /// Workloads in stable slots, so a process refers to its workload by
-    /// index; freed slots (`None`) are reused.
-    workload_slots: Vec<Option<WorkloadEntry>>,
-    workload_index: FxHashMap<Arc<str>, usize>,
-    free_slots: Vec<usize>,
+    /// index.
+    workloads: WorkloadTable,
     /// Workload slot of each cgroup id seen.
     cgroup_slots: FxHashMap<u64, (usize, Option<Arc<str>>)>,
     /// `cgroup_slots` changed since the last snapshot was built.
@@ -206,9 +204,7 @@ impl Accounting {
     pub fn with_limits(retention: Duration, max_exited_processes: usize) -> Self {
         Self {
             processes: ProcessTable::default(),
-            workload_slots: Vec::new(),
-            workload_index: FxHashMap::default(),
-            free_slots: Vec::new(),
+            workloads: WorkloadTable::default(),
             cgroup_slots: FxHashMap::default(),
             cgroups_changed: true,
             node: NodeCpu::default(),
@@ -248,6 +244,7 @@ impl Accounting {
     /// A snapshot was built: what it rebuilt is unchanged from now on.
     pub fn views_built(&mut self) {
         self.processes.views_built();
+        self.workloads.views_built();
         self.cgroups_changed = false;
     }
 
@@ -257,13 +254,13 @@ impl Accounting {
         self.cgroups_changed
     }
 
-    /// Workload slots; a process's `workload` indexes this.
-    pub fn workload_slots(&self) -> &[Option<WorkloadEntry>] {
-        &self.workload_slots
+    /// Workloads by slot; a process's `workload` is its slot.
+    pub fn workload_table(&self) -> &WorkloadTable {
+        &self.workloads
     }
 
     pub fn workloads(&self) -> impl Iterator<Item = &WorkloadEntry> {
-        self.workload_slots.iter().flatten()
+        self.workloads.iter()
     }
 
     pub fn cgroup_paths(&self) -> impl Iterator<Item = (u64, &Arc<str>)> {
@@ -273,9 +270,7 @@ impl Accounting {
     }
 
     pub fn workload(&self, key: &str) -> Option<&WorkloadEntry> {
-        self.workload_index
-            .get(key)
-            .and_then(|slot| self.workload_slots[*slot].as_ref())
+        self.workloads.by_key(key)
     }
 
     /// Applies one interval: CPU time first (it creates the processes the
@@ -323,7 +318,7 @@ fn add_socket_ns(sum: &mut SocketNs, add: &SocketNs) {
 mod cpu;
 mod energy;
 mod retention;
-mod slots;
+pub mod slots;
 pub mod table;
 #[cfg(test)]
 mod tests;

@@ -22,19 +22,19 @@ impl Accounting {
         now: SystemTime,
         cgroup_exists: &mut dyn FnMut(u64) -> bool,
     ) {
-        for entry in self.workload_slots.iter_mut().flatten() {
-            if entry.exited_at.is_some()
-                || entry.live_processes > 0
-                || matches!(*entry.workload, Workload::Host)
-            {
-                continue;
-            }
-            let due = entry.last_existence_check.is_none_or(|at| {
-                now.duration_since(at).unwrap_or_default() >= self.existence_check_every
+        let check_every = self.existence_check_every;
+        for slot in 0..self.workloads.slot_count() {
+            let due = self.workloads.get(slot).is_some_and(|entry| {
+                entry.exited_at.is_none()
+                    && entry.live_processes == 0
+                    && !matches!(*entry.workload, Workload::Host)
+                    && entry
+                        .last_existence_check
+                        .is_none_or(|at| now.duration_since(at).unwrap_or_default() >= check_every)
             });
-            if !due {
+            let Some(entry) = self.workloads.get_mut(slot).filter(|_| due) else {
                 continue;
-            }
+            };
             entry.last_existence_check = Some(now);
             if !entry.cgroup_ids.iter().any(|id| cgroup_exists(*id)) {
                 entry.exited_at = Some(now);
@@ -44,11 +44,14 @@ impl Accounting {
         // times had a thousand): keep the ids that still exist, and the
         // newest, so the list stays as long as the cgroups alive.
         let mut forgotten_ids = Vec::new();
-        for entry in self.workload_slots.iter_mut().flatten() {
-            if entry.cgroup_ids.len() <= 1 || entry.live_processes > 0 && entry.cgroup_ids.len() < 8
-            {
+        for slot in 0..self.workloads.slot_count() {
+            let prune = self.workloads.get(slot).is_some_and(|entry| {
+                entry.cgroup_ids.len() > 1
+                    && (entry.live_processes == 0 || entry.cgroup_ids.len() >= 8)
+            });
+            let Some(entry) = self.workloads.get_mut(slot).filter(|_| prune) else {
                 continue;
-            }
+            };
             let newest = entry.cgroup_ids.last().copied();
             entry.cgroup_ids.retain(|id| {
                 let keep = Some(*id) == newest || cgroup_exists(*id);
@@ -84,18 +87,19 @@ impl Accounting {
         }
         self.evict_exited_processes_over_the_bound();
         self.processes.settle();
-        for slot in 0..self.workload_slots.len() {
-            if self.workload_slots[slot]
-                .as_ref()
+        for slot in 0..self.workloads.slot_count() {
+            if self
+                .workloads
+                .get(slot)
                 .is_some_and(|w| expired(w.exited_at))
             {
-                self.free_workload_slot(slot);
+                self.workloads.free(slot);
             }
         }
-        let slots = &self.workload_slots;
+        let workloads = &self.workloads;
         let before = self.cgroup_slots.len();
         self.cgroup_slots
-            .retain(|_, (slot, _)| slots[*slot].is_some());
+            .retain(|_, (slot, _)| workloads.get(*slot).is_some());
         self.cgroups_changed |= self.cgroup_slots.len() != before;
     }
 

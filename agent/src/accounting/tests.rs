@@ -504,3 +504,101 @@ proptest! {
         prop_assert!((node.attributed[d] - processes).abs() < 1e-6);
     }
 }
+
+/// A snapshot rebuilds only the shards whose processes or workloads
+/// changed, and still shows every change: the interval after a workload ran
+/// shows it idle, and a shard nobody touched is the very same memory.
+#[test]
+fn snapshots_share_unchanged_views_and_show_every_change() {
+    use crate::snapshot::{Snapshot, SnapshotBase};
+    let snapshot = |accounting: &mut Accounting, previous: Option<&Snapshot>| {
+        let base = SnapshotBase {
+            generated_at: at(0),
+            started_at: at(0),
+            interval: Duration::from_secs(1),
+            method: crate::cpu::Method::Ebpf,
+            sockets: 1,
+            losses: Vec::new(),
+            sources: Vec::new(),
+            read_errors: 0,
+            threads_read: 0,
+            energy: Default::default(),
+            agent: Default::default(),
+            programs: Vec::new(),
+        };
+        let built = Snapshot::build(accounting, base, previous);
+        accounting.views_built();
+        built
+    };
+    let mut accounting = Accounting::new(Duration::from_secs(900));
+    let apply = |accounting: &mut Accounting, usage: Vec<ProcessUsage>, second| {
+        let reading = CpuReading {
+            usage,
+            ..Default::default()
+        };
+        accounting.apply_cpu(
+            &reading,
+            at(second),
+            Duration::from_secs(1),
+            &[0],
+            &mut resolver,
+        );
+    };
+    // 40 processes in the container, and sshd.
+    let mut everyone: Vec<ProcessUsage> = (100..140).map(|pid| usage(pid, 1, 10)).collect();
+    everyone.push(usage(10, 2, 50));
+    apply(&mut accounting, everyone, 1);
+    let first = snapshot(&mut accounting, None);
+    let sshd = |s: &Snapshot| {
+        s.workloads
+            .iter()
+            .find(|w| &*w.key == "service:sshd.service")
+            .map(|w| (w.interval_ns, w.cpu_ns_by_socket[0]))
+    };
+    assert_eq!(sshd(&first), Some((50, 50)));
+    assert_eq!(first.processes.len(), 41);
+
+    // Only sshd runs.
+    apply(&mut accounting, vec![usage(10, 2, 20)], 2);
+    let second = snapshot(&mut accounting, Some(&first));
+    assert_eq!(sshd(&second), Some((20, 70)));
+    let container = |s: &Snapshot| {
+        s.workloads
+            .iter()
+            .find(|w| w.key.starts_with("container:"))
+            .map(|w| (w.interval_ns, w.cpu_ns_by_socket[0]))
+    };
+    assert_eq!(container(&second), Some((0, 400)), "idle this interval");
+    let process = |s: &Snapshot, pid| {
+        s.processes
+            .iter()
+            .find(|p| p.key.pid == pid)
+            .map(|p| p.interval_ns)
+    };
+    assert_eq!(process(&second, 100), Some(0));
+    assert_eq!(process(&second, 10), Some(20));
+
+    // Nobody runs: figures from the last interval go to zero, and then
+    // nothing is rebuilt.
+    apply(&mut accounting, Vec::new(), 3);
+    let third = snapshot(&mut accounting, Some(&second));
+    assert_eq!(sshd(&third), Some((0, 70)));
+    assert_eq!(process(&third, 10), Some(0));
+    apply(&mut accounting, Vec::new(), 4);
+    let fourth = snapshot(&mut accounting, Some(&third));
+    assert_eq!(sshd(&fourth), Some((0, 70)));
+    assert_eq!(container(&fourth), Some((0, 400)));
+    assert_eq!(fourth.processes.len(), 41);
+    let same = |a: &Snapshot, b: &Snapshot| {
+        a.workloads
+            .iter()
+            .zip(b.workloads.iter())
+            .all(|(x, y)| std::ptr::eq(x, y))
+            && a.processes
+                .iter()
+                .zip(b.processes.iter())
+                .all(|(x, y)| std::ptr::eq(x, y))
+    };
+    assert!(same(&third, &fourth), "an idle interval rebuilds nothing");
+    assert!(!same(&second, &third));
+}

@@ -69,7 +69,7 @@ pub struct EnergyCollector {
     thermal_root: Option<PathBuf>,
     model: PowerModel,
     model_coefficients: ModelCoefficients,
-    sysfs_root: PathBuf,
+    frequencies: CpuFrequencies,
 }
 
 /// Checks a root: `Ok(Some)` usable, `Ok(None)` an absent default, `Err` an
@@ -186,7 +186,7 @@ impl EnergyCollector {
             thermal_root,
             model: PowerModel::new(options.model),
             model_coefficients: options.model,
-            sysfs_root: options.sysfs_root.clone(),
+            frequencies: CpuFrequencies::new(options.sysfs_root.clone()),
         })
     }
 
@@ -225,7 +225,7 @@ impl EnergyCollector {
         // Frequencies matter to the estimate only; a metered machine (where
         // hundreds of CPUs would mean hundreds of file reads) skips them.
         let frequency = if self.rapl.is_none() {
-            frequency_factors(&self.sysfs_root, topology)
+            self.frequencies.factors(topology)
         } else {
             vec![1.0; topology.possible_cpus()]
         };
@@ -385,24 +385,60 @@ impl SourceHealth {
 
 /// Each CPU's current frequency as a fraction of its maximum, where cpufreq
 /// says (`scaling_cur_freq` / `cpuinfo_max_freq`); 1.0 where it does not
-/// (virtual machines). Indexed by CPU number.
-pub fn frequency_factors(sysfs_root: &Path, topology: &Topology) -> Vec<f64> {
-    let mut factors = vec![1.0; topology.possible_cpus()];
-    for &cpu in topology.online_cpus() {
-        let dir = sysfs_root.join(format!("devices/system/cpu/cpu{cpu}/cpufreq"));
-        let (Ok(current), Ok(max)) = (
-            super::read_u64(&dir.join("scaling_cur_freq")),
-            super::read_u64(&dir.join("cpuinfo_max_freq")),
-        ) else {
-            continue;
-        };
-        if max > 0
-            && let Some(slot) = factors.get_mut(cpu as usize)
-        {
-            *slot = (current as f64 / max as f64).clamp(0.0, 1.0);
+/// (virtual machines).
+///
+/// Which CPUs have cpufreq, and their maximum, are found once and again
+/// every `PROBE_EVERY` reads (a driver loaded late, CPUs brought online):
+/// a read opens one file per CPU that has it, and none on a VM, instead of
+/// two lookups per CPU that fail on every interval.
+pub struct CpuFrequencies {
+    sysfs_root: PathBuf,
+    /// Per CPU with cpufreq: its `scaling_cur_freq` and maximum (kHz).
+    cpus: Vec<(u32, PathBuf, u64)>,
+    reads: u64,
+}
+
+impl CpuFrequencies {
+    const PROBE_EVERY: u64 = 60;
+
+    pub fn new(sysfs_root: PathBuf) -> Self {
+        Self {
+            sysfs_root,
+            cpus: Vec::new(),
+            reads: 0,
         }
     }
-    factors
+
+    fn probe(&mut self, topology: &Topology) {
+        self.cpus = topology
+            .online_cpus()
+            .iter()
+            .filter_map(|&cpu| {
+                let dir = self
+                    .sysfs_root
+                    .join(format!("devices/system/cpu/cpu{cpu}/cpufreq"));
+                let max = super::read_u64(&dir.join("cpuinfo_max_freq")).ok()?;
+                (max > 0).then(|| (cpu, dir.join("scaling_cur_freq"), max))
+            })
+            .collect();
+    }
+
+    /// The factors, indexed by CPU number.
+    pub fn factors(&mut self, topology: &Topology) -> Vec<f64> {
+        if self.reads.is_multiple_of(Self::PROBE_EVERY) {
+            self.probe(topology);
+        }
+        self.reads += 1;
+        let mut factors = vec![1.0; topology.possible_cpus()];
+        for (cpu, current, max) in &self.cpus {
+            if let Ok(current) = super::read_u64(current)
+                && let Some(slot) = factors.get_mut(*cpu as usize)
+            {
+                *slot = (current as f64 / *max as f64).clamp(0.0, 1.0);
+            }
+        }
+        factors
+    }
 }
 
 /// Utilization (0..=1) of each socket's online CPUs over an interval, each
@@ -480,8 +516,24 @@ mod tests {
         std::fs::create_dir_all(&cpufreq).unwrap();
         std::fs::write(cpufreq.join("scaling_cur_freq"), "1200000\n").unwrap();
         std::fs::write(cpufreq.join("cpuinfo_max_freq"), "3000000\n").unwrap();
-        let factors = frequency_factors(dir.path(), &Topology::uniform(2));
-        assert_eq!(factors, vec![1.0, 0.4]);
+        let mut frequencies = CpuFrequencies::new(dir.path().to_owned());
+        let topology = Topology::uniform(2);
+        assert_eq!(frequencies.factors(&topology), vec![1.0, 0.4]);
+        std::fs::write(cpufreq.join("scaling_cur_freq"), "3000000\n").unwrap();
+        assert_eq!(frequencies.factors(&topology), vec![1.0, 1.0], "read again");
+        // A driver that appears later is found at the next probe.
+        let late = dir.path().join("devices/system/cpu/cpu0/cpufreq");
+        std::fs::create_dir_all(&late).unwrap();
+        std::fs::write(late.join("scaling_cur_freq"), "1500000\n").unwrap();
+        std::fs::write(late.join("cpuinfo_max_freq"), "3000000\n").unwrap();
+        let mut reads = 2;
+        while frequencies.factors(&topology)[0] == 1.0 {
+            reads += 1;
+            assert!(
+                reads <= CpuFrequencies::PROBE_EVERY + 1,
+                "never probed again"
+            );
+        }
     }
 
     #[test]

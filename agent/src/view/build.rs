@@ -179,7 +179,7 @@ fn pod_figures(snapshot: &Snapshot) -> Vec<PodFigures> {
         live: bool,
     }
     let mut pods: BTreeMap<&str, PodSum> = BTreeMap::new();
-    for view in &snapshot.workloads {
+    for view in snapshot.workloads.iter() {
         let Some(pod) = view.workload.pod() else {
             continue;
         };

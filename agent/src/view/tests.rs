@@ -90,8 +90,8 @@ pub(crate) fn sample_snapshot() -> Snapshot {
             10.0,
             false,
         ),
-    ];
-    snapshot.slots_are_positions();
+    ]
+    .into();
     snapshot.processes = vec![ProcessView {
         key: ProcessKey {
             pid: 42,
