@@ -452,18 +452,11 @@ impl EbpfCpuSource {
         }
     }
 
-    /// Sets when the logs next need a drain before the next read: when the
-    /// fullest filled past a quarter of its length since the last drain,
-    /// drain at the pace that keeps it there.
+    /// Sets when the logs next need a drain before the next read.
     fn pace_drains(&mut self, fullest: usize) {
         let elapsed = self.last_drain.elapsed();
         self.last_drain = Instant::now();
-        let quarter = self.log.log_len() / 4;
-        self.drain_period = (fullest > quarter && fullest > 0).then(|| {
-            elapsed
-                .mul_f64(quarter as f64 / fullest as f64)
-                .max(Duration::from_millis(5))
-        });
+        self.drain_period = drain_period(fullest, self.log.log_len(), elapsed);
     }
 
     fn sweep_liveness(&mut self, reading: &mut CpuReading) {
@@ -741,9 +734,56 @@ fn raise_memlock_limit() {
     }
 }
 
+/// How long the fullest log takes to fill a quarter of `log_len` at the
+/// pace it filled (`fullest` records in `elapsed`); `None` when that is so
+/// long that the next read comes first. A log found full filled faster
+/// than its count shows: an eighth of the time then, until the pace is
+/// measured. (The pace is kept while the logs stay busy: a first version
+/// stopped draining once a drain found a log under a quarter full, so a
+/// busy log filled up before the next read and a fifth of a ping-pong's
+/// switches went to the overflow map.)
+fn drain_period(fullest: usize, log_len: usize, elapsed: Duration) -> Option<Duration> {
+    const SHORTEST: Duration = Duration::from_millis(5);
+    const LONGEST: Duration = Duration::from_secs(10);
+    if fullest == 0 {
+        return None;
+    }
+    let period = if fullest >= log_len {
+        elapsed / 8
+    } else {
+        elapsed.mul_f64((log_len / 4).max(1) as f64 / fullest as f64)
+    };
+    let period = period.max(SHORTEST);
+    (period < LONGEST).then_some(period)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drains_keep_a_busy_log_under_a_quarter_full() {
+        let second = Duration::from_secs(1);
+        // 43,000 records a second into logs of 8,192: a quarter in 48 ms.
+        let period = drain_period(43_000 / 20, 8_192, second / 20).unwrap();
+        assert!((47..=48).contains(&period.as_millis()), "{period:?}");
+        // Drained often enough to stay under a quarter: keep that pace.
+        let again = drain_period(2_000, 8_192, period).unwrap();
+        assert!(again >= period, "{again:?}");
+        assert!(again.as_millis() <= 50, "{again:?}");
+        // Found full: the pace is unknown, so much sooner.
+        assert_eq!(
+            drain_period(8_192, 8_192, second),
+            Some(Duration::from_millis(125))
+        );
+        // Never faster than 5 ms; never for a quiet log.
+        assert_eq!(
+            drain_period(8_000, 8_192, Duration::from_millis(1)),
+            Some(Duration::from_millis(5))
+        );
+        assert_eq!(drain_period(0, 8_192, second), None);
+        assert_eq!(drain_period(100, 8_192, second), None, "20 s away");
+    }
 
     #[test]
     fn kernels_below_the_floor_are_named() {
