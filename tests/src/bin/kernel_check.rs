@@ -75,12 +75,30 @@ fn check(supported: bool) -> String {
     let (status, container) = agent.get(&format!("/api/v1/containers/{container_id}"));
     assert_eq!(status, 200, "{container}");
     let ours = container["cpu_seconds"].as_f64().expect("cpu_seconds");
+    // The process's own figure, whichever cgroups it ran in: the burner
+    // runs from fork to its move into the container (pre_exec) in the
+    // checker's cgroup, which schedstat counts and the container does not
+    // (a millisecond or two under emulation).
+    let (_, processes) = agent.get("/api/v1/processes?limit=1000000");
+    let process = processes
+        .as_array()
+        .and_then(|list| list.iter().find(|p| p["pid"] == burner.pid()))
+        .and_then(|p| p["cpu_seconds"].as_f64())
+        .unwrap_or(0.0);
     assert!(kernel > 0.5, "the burner ran only {kernel} s");
     if supported {
         // The same bar as on the host: both come from sum_exec_runtime.
         assert!(
             relative_error(ours, kernel) < 0.02,
             "powerlens {ours:.4} s vs schedstat {kernel:.4} s"
+        );
+        assert!(
+            relative_error(process, kernel) < 1e-4,
+            "the process: powerlens {process:.6} s vs schedstat {kernel:.6} s"
+        );
+        assert!(
+            ours <= process + 1e-6,
+            "the container {ours:.6} s ran more than its process {process:.6} s"
         );
     } else {
         // The procfs fallback's bar (clock ticks, one interval of lag).
@@ -91,7 +109,7 @@ fn check(supported: bool) -> String {
     }
     let reason = ebpf["reason"].as_str().unwrap_or("").to_owned();
     format!(
-        "method={method} powerlens={ours:.6}s schedstat={kernel:.6}s{}",
+        "method={method} powerlens={ours:.6}s (container) {process:.6}s (process) schedstat={kernel:.6}s{}",
         if reason.is_empty() {
             String::new()
         } else {
