@@ -6,11 +6,17 @@
 //! (whose tables are larger than the caches keep between intervals) were a
 //! quarter of the agent's time.
 //!
-//! New keys go to a small sorted side table, merged into the main one by
-//! `settle` once it has grown past an eighth of it, so a node that starts
-//! processes all the time does not copy the whole table at every pass.
-//! Removed keys are marked, and swept out by `settle` the same way.
-//! Lookups in any order are correct, and cost a binary search.
+//! New keys wait in a `BTreeMap` (any order, O(log n) each), merged into
+//! the sorted vector by `settle` once they pass an eighth of it: a node
+//! that starts threads all the time does not copy the whole table at every
+//! pass, and an agent that starts on a node of 100,000 threads builds its
+//! table in O(n log n). (A first version kept them in a sorted vector too,
+//! where each insertion into the middle moved everything after it:
+//! quadratic at start-up on a large node.) Removed keys are marked, and
+//! swept out by `settle` the same way. Lookups in any order are correct,
+//! and cost a binary search.
+
+use std::collections::BTreeMap;
 
 #[derive(Clone, Debug)]
 struct Entry<K, V> {
@@ -21,8 +27,11 @@ struct Entry<K, V> {
 
 #[derive(Clone, Debug)]
 pub struct SortedTable<K, V> {
+    /// Sorted by key; removed entries stay (not `live`) until `settle`.
     main: Vec<Entry<K, V>>,
-    side: Vec<Entry<K, V>>,
+    /// Keys added since the last merge (none of them live in `main`).
+    fresh: BTreeMap<K, V>,
+    /// Entries of `main` that are not live.
     removed: usize,
 }
 
@@ -30,18 +39,17 @@ impl<K, V> Default for SortedTable<K, V> {
     fn default() -> Self {
         Self {
             main: Vec::new(),
-            side: Vec::new(),
+            fresh: BTreeMap::new(),
             removed: 0,
         }
     }
 }
 
-/// Where a pass's previous lookup ended, in each part of a table. Valid
-/// until the table's next `settle`.
+/// Where a pass's previous lookup ended in a table. Valid until the
+/// table's next `settle`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cursor {
     main: usize,
-    side: usize,
 }
 
 /// The first index whose key is not below `key`, galloping forward from
@@ -65,113 +73,102 @@ fn seek<K: Ord, V>(entries: &[Entry<K, V>], key: &K, from: usize) -> usize {
 
 impl<K: Ord + Copy, V> SortedTable<K, V> {
     pub fn len(&self) -> usize {
-        self.main.len() + self.side.len() - self.removed
+        self.main.len() - self.removed + self.fresh.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Where `key` is (or would be): (in the side table, index, live).
-    fn find(&self, key: &K, cursor: &mut Cursor) -> Option<(bool, usize)> {
+    /// The index of `key`'s live entry in `main`.
+    fn find(&self, key: &K, cursor: &mut Cursor) -> Option<usize> {
         cursor.main = seek(&self.main, key, cursor.main);
-        if let Some(entry) = self.main.get(cursor.main)
-            && entry.key == *key
-            && entry.live
-        {
-            return Some((false, cursor.main));
-        }
-        if self.side.is_empty() {
-            return None;
-        }
-        cursor.side = seek(&self.side, key, cursor.side);
-        match self.side.get(cursor.side) {
-            Some(entry) if entry.key == *key && entry.live => Some((true, cursor.side)),
-            _ => None,
-        }
+        self.main
+            .get(cursor.main)
+            .filter(|entry| entry.key == *key && entry.live)
+            .map(|_| cursor.main)
     }
 
     pub fn get(&self, key: &K, cursor: &mut Cursor) -> Option<&V> {
-        let (side, at) = self.find(key, cursor)?;
-        let entries = if side { &self.side } else { &self.main };
-        Some(&entries[at].value)
+        match self.find(key, cursor) {
+            Some(at) => Some(&self.main[at].value),
+            None => self.fresh.get(key),
+        }
     }
 
     pub fn get_mut(&mut self, key: &K, cursor: &mut Cursor) -> Option<&mut V> {
-        let (side, at) = self.find(key, cursor)?;
-        let entries = if side { &mut self.side } else { &mut self.main };
-        Some(&mut entries[at].value)
+        match self.find(key, cursor) {
+            Some(at) => Some(&mut self.main[at].value),
+            None => self.fresh.get_mut(key),
+        }
     }
 
     /// Sets `key`'s value (replacing any), and returns it.
     pub fn insert(&mut self, key: K, value: V, cursor: &mut Cursor) -> &mut V {
-        if let Some((side, at)) = self.find(&key, cursor) {
-            let entries = if side { &mut self.side } else { &mut self.main };
-            entries[at].value = value;
-            return &mut entries[at].value;
+        if let Some(at) = self.find(&key, cursor) {
+            self.main[at].value = value;
+            return &mut self.main[at].value;
         }
-        let at = seek(&self.side, &key, cursor.side);
-        let entry = Entry {
-            key,
-            value,
-            live: true,
-        };
-        if self.side.get(at).is_some_and(|old| old.key == key) {
-            // Removed since the last settle, and back: take its place.
-            self.removed -= 1;
-            self.side[at] = entry;
-        } else {
-            self.side.insert(at, entry);
+        match self.fresh.entry(key) {
+            std::collections::btree_map::Entry::Occupied(mut entry) => {
+                entry.insert(value);
+                entry.into_mut()
+            }
+            std::collections::btree_map::Entry::Vacant(entry) => entry.insert(value),
         }
-        cursor.side = at;
-        &mut self.side[at].value
     }
 
     /// Forgets `key`; true if it was there.
     pub fn remove(&mut self, key: &K) -> bool {
-        let Some((side, at)) = self.find(key, &mut Cursor::default()) else {
-            return false;
-        };
-        let entries = if side { &mut self.side } else { &mut self.main };
-        entries[at].live = false;
-        self.removed += 1;
-        true
+        if let Some(at) = self.find(key, &mut Cursor::default()) {
+            self.main[at].live = false;
+            self.removed += 1;
+            return true;
+        }
+        self.fresh.remove(key).is_some()
     }
 
     /// Keeps the entries `keep` says to.
     pub fn retain(&mut self, mut keep: impl FnMut(&K, &V) -> bool) {
-        for entries in [&mut self.main, &mut self.side] {
-            entries.retain(|entry| entry.live && keep(&entry.key, &entry.value));
-        }
+        self.main
+            .retain(|entry| entry.live && keep(&entry.key, &entry.value));
         self.removed = 0;
+        self.fresh.retain(|key, value| keep(key, value));
     }
 
     /// Entries, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
         self.main
             .iter()
-            .chain(&self.side)
             .filter(|entry| entry.live)
             .map(|entry| (&entry.key, &entry.value))
+            .chain(self.fresh.iter())
     }
 
-    /// After a pass: merges the side table in and sweeps removed entries
-    /// out, once either has grown past an eighth of the main table. Cursors
-    /// of earlier passes must not be used after this.
+    /// After a pass: merges the new keys in and sweeps removed entries
+    /// out, once either has grown past an eighth of the table. Cursors of
+    /// earlier passes must not be used after this.
     pub fn settle(&mut self) {
         let threshold = (self.main.len() / 8).max(64);
-        if self.side.len() <= threshold && self.removed <= threshold {
+        if self.fresh.len() <= threshold && self.removed <= threshold {
             return;
         }
         let main = std::mem::take(&mut self.main);
-        let side = std::mem::take(&mut self.side);
-        let mut merged = Vec::with_capacity(main.len() + side.len() - self.removed);
+        let fresh = std::mem::take(&mut self.fresh);
+        let mut merged = Vec::with_capacity(main.len() - self.removed + fresh.len());
         let mut main = main.into_iter().filter(|entry| entry.live).peekable();
-        let mut side = side.into_iter().filter(|entry| entry.live).peekable();
+        let mut fresh = fresh
+            .into_iter()
+            .map(|(key, value)| Entry {
+                key,
+                value,
+                live: true,
+            })
+            .peekable();
         loop {
-            let next = match (main.peek(), side.peek()) {
+            let next = match (main.peek(), fresh.peek()) {
                 (Some(a), Some(b)) if a.key <= b.key => main.next(),
-                (_, Some(_)) => side.next(),
+                (_, Some(_)) => fresh.next(),
                 (Some(_), None) => main.next(),
                 (None, None) => break,
             };
@@ -188,14 +185,15 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
-    fn a_pass_in_order_finds_every_key_and_a_large_side_table_is_merged() {
+    fn a_pass_in_order_finds_every_key_and_many_new_keys_are_merged() {
         let mut table = SortedTable::default();
         let mut cursor = Cursor::default();
         for key in (0..1_000u64).step_by(2) {
             table.insert(key, key * 10, &mut cursor);
         }
         table.settle();
-        assert!(table.side.is_empty(), "500 new keys > 64: merged");
+        assert!(table.fresh.is_empty(), "500 new keys > 64: merged");
+        assert_eq!(table.main.len(), 500);
         let mut cursor = Cursor::default();
         for key in 0..1_000 {
             let found = table.get(&key, &mut cursor).copied();
@@ -206,7 +204,7 @@ mod tests {
     }
 
     #[test]
-    fn a_few_new_keys_wait_in_the_side_table() {
+    fn a_few_new_keys_wait_until_there_are_enough_to_merge() {
         let mut table = SortedTable::default();
         let mut cursor = Cursor::default();
         for key in 0..1_000u64 {
@@ -217,7 +215,7 @@ mod tests {
         table.insert(7, 2, &mut cursor);
         table.insert(3, 3, &mut cursor);
         table.settle();
-        assert_eq!(table.side.len(), 2, "2 of 1,000: not worth a copy");
+        assert_eq!(table.fresh.len(), 2, "2 of 1,000: not worth a copy");
         let mut cursor = Cursor::default();
         assert_eq!(table.get(&3, &mut cursor), Some(&3));
         assert_eq!(table.get(&4, &mut cursor), Some(&1));

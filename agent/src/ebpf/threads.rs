@@ -6,7 +6,9 @@
 //! system call; a thread that slept is not touched. A thread's slice is the
 //! growth of its run time since its previous record, whichever CPU wrote
 //! that one. Records of one thread are ordered by their run time only, so
-//! each drain sorts them; an older record that comes in a later read (it
+//! each drain sorts them, by process, thread and run time: the order the
+//! thread and process tables are kept in (`SortedTable`), so one pass reads
+//! each table front to back. An older record that comes in a later read (it
 //! was written while the logs were being read) adds nothing, and the slice
 //! the newer one took for its CPU is handed back to the CPU it ran on.
 //!

@@ -24,6 +24,9 @@
 //!    without export. Goals: 1 ms of CPU per interval and 8 MiB of peak RSS;
 //!    the time to render one `/metrics` and its size are printed.
 //!
+//! `powerlens-bench --agent 1,2` runs only those agent loads (numbered as
+//! listed in 2., from 1), for profiling one; `--switch-only` only 1.
+//!
 //! `powerlens-bench --churn MINUTES` (`cargo xtask bench -- --churn 30`)
 //! runs only the memory churn test instead: containers (cgroups) and
 //! short-lived processes created and removed continuously, the agent's RSS
