@@ -32,7 +32,12 @@ impl Accounting {
                         .last_existence_check
                         .is_none_or(|at| now.duration_since(at).unwrap_or_default() >= check_every)
             });
-            let Some(entry) = self.workloads.get_mut(slot).filter(|_| due) else {
+            // Only a workload that is due is taken to change: `get_mut`
+            // marks its shard for the next snapshot to rebuild.
+            if !due {
+                continue;
+            }
+            let Some(entry) = self.workloads.get_mut(slot) else {
                 continue;
             };
             entry.last_existence_check = Some(now);
@@ -49,7 +54,10 @@ impl Accounting {
                 entry.cgroup_ids.len() > 1
                     && (entry.live_processes == 0 || entry.cgroup_ids.len() >= 8)
             });
-            let Some(entry) = self.workloads.get_mut(slot).filter(|_| prune) else {
+            if !prune {
+                continue;
+            }
+            let Some(entry) = self.workloads.get_mut(slot) else {
                 continue;
             };
             let newest = entry.cgroup_ids.last().copied();

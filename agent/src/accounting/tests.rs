@@ -543,6 +543,8 @@ fn snapshots_share_unchanged_views_and_show_every_change() {
             &[0],
             &mut resolver,
         );
+        // As the collector does every interval (the cgroups all exist).
+        accounting.mark_gone_workloads(at(second), &mut |_| true);
     };
     // 40 processes in the container, and sshd.
     let mut everyone: Vec<ProcessUsage> = (100..140).map(|pid| usage(pid, 1, 10)).collect();
