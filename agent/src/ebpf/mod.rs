@@ -176,6 +176,9 @@ pub struct EbpfCpuSource {
     clock_ticks_per_second: u64,
     /// `switch_log_full` when `OVERFLOW` was last read.
     switch_log_full_seen: u64,
+    /// `overflow_map_full`, and the read, at the last liveness sweep.
+    overflow_lost_swept: u64,
+    swept_at_read: u64,
     /// When the logs were last drained or read, and how far the fullest
     /// had filled since: sets the pace of drains between reads.
     last_drain: Instant,
@@ -191,11 +194,15 @@ const WEAKLY_ORDERED: u32 = if cfg!(any(target_arch = "x86_64", target_arch = "x
     1
 };
 
-/// Every this many reads, the live set is checked against `/proc` to retire
-/// processes whose end left no trace (every thread's last switch writes a
-/// record marked as its last; only a full `OVERFLOW` loses that). Listing
-/// /proc costs ~15 ms of CPU with 10,000 processes, hence the long period.
-const LIVENESS_SWEEP_EVERY: u64 = 60;
+/// The live set is checked against `/proc` to retire processes whose end
+/// left no trace. Every thread's last switch writes a record marked as its
+/// last; only a full `OVERFLOW` loses one (`overflow_map_full`), so a sweep
+/// runs when that counter grew (at most every `LIVENESS_SWEEP_SOONEST`
+/// reads), and otherwise only every `LIVENESS_SWEEP_EVERY` as a safety net.
+/// Listing /proc costs ~15 ms of CPU with 10,000 processes: a sweep every
+/// minute was a quarter of a quiet interval's cost, on average.
+const LIVENESS_SWEEP_EVERY: u64 = 3_600;
+const LIVENESS_SWEEP_SOONEST: u64 = 60;
 
 impl EbpfCpuSource {
     pub fn load(options: &EbpfOptions, topology: Topology) -> Result<Self, EbpfLoadError> {
@@ -344,6 +351,8 @@ impl EbpfCpuSource {
             reads: 0,
             clock_ticks_per_second,
             switch_log_full_seen: 0,
+            overflow_lost_swept: 0,
+            swept_at_read: 0,
             last_drain: Instant::now(),
             // Until the first read has measured the pace of switches.
             drain_period: Some(Duration::from_millis(100)),
@@ -558,7 +567,13 @@ impl CpuTimeSource for EbpfCpuSource {
                 }
             }
         }
-        if self.reads.is_multiple_of(LIVENESS_SWEEP_EVERY) {
+        let lost = self.loss_count(LossCounter::OverflowMapFull);
+        if self.reads.is_multiple_of(LIVENESS_SWEEP_EVERY)
+            || (lost != self.overflow_lost_swept
+                && self.reads - self.swept_at_read >= LIVENESS_SWEEP_SOONEST)
+        {
+            self.overflow_lost_swept = lost;
+            self.swept_at_read = self.reads;
             self.sweep_liveness(&mut reading);
         }
         debug!(busy = ?log.busy_ns_by_cpu, records = log.records, "switch logs read");
