@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use rustc_hash::FxHashMap;
 
 use crate::{
-    accounting::{Accounting, DomainJoules, NodeEnergy, table::SHARD_SLOTS},
+    accounting::{Accounting, DomainJoules, NodeEnergy, shards::SHARD_SLOTS},
     cgroup::Workload,
     cpu::{Comm, Method, ProcessKey, ProgramStats, SocketNs, total_ns},
     energy::{
@@ -181,18 +181,15 @@ impl Snapshot {
     /// ran copies a few hundred views, not all 10,000.
     pub fn build(accounting: &Accounting, base: SnapshotBase, previous: Option<&Snapshot>) -> Self {
         let seq = accounting.seq();
-        // As for processes below: only shards with a workload that changed
-        // are built again (a view holds three shared pointers, each a cold
-        // cache line to count: 1,000 workloads cost more than their figures).
-        let reusable = previous.map(|p| &p.workloads.shards);
-        let workload_shards: Vec<Arc<[Option<WorkloadView>]>> = accounting
-            .workload_table()
-            .shards()
-            .enumerate()
-            .map(
-                |(index, (shard, changed))| match reusable.and_then(|old| old.get(index)) {
-                    Some(old) if !changed => Arc::clone(old),
-                    _ => shard
+        // Only shards with a workload that changed are built again (a view
+        // holds three shared pointers, each a cold cache line to count:
+        // 1,000 workloads cost more than their figures).
+        let workloads = WorkloadViews {
+            shards: shard_views(
+                accounting.workload_table().shards(),
+                previous.map(|p| p.workloads.shards.as_slice()),
+                |shard| {
+                    shard
                         .iter()
                         .map(|entry| {
                             entry.as_ref().map(|w| WorkloadView {
@@ -209,44 +206,34 @@ impl Snapshot {
                                 live_processes: w.live_processes,
                             })
                         })
-                        .collect(),
+                        .collect()
                 },
-            )
-            .collect();
-        let workloads = WorkloadViews {
-            shards: workload_shards,
+            ),
             len: accounting.workload_table().len(),
         };
-        // The table's shards only grow in number, and a new one is marked
-        // changed: an unchanged shard has its view in the previous snapshot.
-        let reusable = previous.map(|p| &p.processes.shards);
-        let shards: Vec<Arc<[ProcessView]>> = accounting
-            .processes()
-            .shards()
-            .enumerate()
-            .map(
-                |(index, (shard, changed))| match reusable.and_then(|old| old.get(index)) {
-                    Some(old) if !changed => Arc::clone(old),
-                    _ => shard
-                        .iter()
-                        .flatten()
-                        .map(|(key, p)| ProcessView {
-                            key: *key,
-                            comm: p.comm,
-                            cgroup_id: p.cgroup_id,
-                            workload_slot: p.workload,
-                            cpu_ns_by_socket: p.cpu_ns_by_socket,
-                            interval_ns: current(p.interval_seq, seq, p.interval_ns),
-                            energy_joules: p.energy.joules,
-                            interval_energy_joules: p.energy.interval(seq),
-                            first_seen: p.first_seen,
-                            last_seen: p.last_seen,
-                            exited: p.exited_at.is_some(),
-                        })
-                        .collect(),
-                },
-            )
-            .collect();
+        let shards = shard_views(
+            accounting.processes().shards(),
+            previous.map(|p| p.processes.shards.as_slice()),
+            |shard| {
+                shard
+                    .iter()
+                    .flatten()
+                    .map(|(key, p)| ProcessView {
+                        key: *key,
+                        comm: p.comm,
+                        cgroup_id: p.cgroup_id,
+                        workload_slot: p.workload,
+                        cpu_ns_by_socket: p.cpu_ns_by_socket,
+                        interval_ns: current(p.interval_seq, seq, p.interval_ns),
+                        energy_joules: p.energy.joules,
+                        interval_energy_joules: p.energy.interval(seq),
+                        first_seen: p.first_seen,
+                        last_seen: p.last_seen,
+                        exited: p.exited_at.is_some(),
+                    })
+                    .collect()
+            },
+        );
         let processes = ProcessViews {
             len: shards.iter().map(|shard| shard.len()).sum(),
             shards,
@@ -303,6 +290,26 @@ impl Snapshot {
             .iter()
             .filter(|w| matches!(*w.workload, Workload::Container { .. }))
     }
+}
+
+/// The views of each shard of a table: the previous snapshot's where the
+/// shard did not change, else built by `build`. A table's shards only grow
+/// in number, and a new one is marked changed, so an unchanged shard has
+/// its views in the previous snapshot at the same index.
+fn shard_views<'a, T: 'a, V>(
+    shards: impl Iterator<Item = (&'a [Option<T>], bool)>,
+    previous: Option<&[Arc<[V]>]>,
+    build: impl Fn(&'a [Option<T>]) -> Arc<[V]>,
+) -> Vec<Arc<[V]>> {
+    shards
+        .enumerate()
+        .map(
+            |(index, (shard, changed))| match previous.and_then(|old| old.get(index)) {
+                Some(old) if !changed => Arc::clone(old),
+                _ => build(shard),
+            },
+        )
+        .collect()
 }
 
 /// The workloads of a snapshot, by slot, in the shards of the accounting's

@@ -82,18 +82,7 @@ impl Accounting {
                 .processes
                 .slot_or_insert_with(usage.key, &mut cursor, || {
                     is_new = true;
-                    ProcessEntry {
-                        comm: usage.comm,
-                        cgroup_id: usage.cgroup_id,
-                        workload: slot,
-                        cpu_ns_by_socket: [0; agent_common::MAX_SOCKETS],
-                        interval_ns: 0,
-                        interval_seq: 0,
-                        energy: Energy::default(),
-                        first_seen: now,
-                        last_seen: now,
-                        exited_at: None,
-                    }
+                    ProcessEntry::new(usage.comm, usage.cgroup_id, slot, now)
                 });
             usage_slots.push(process_slot);
             let Some(process) = self.processes.at_mut(process_slot) else {
@@ -181,5 +170,24 @@ impl Accounting {
         }
         self.node.interval_busy_ns = interval_busy;
         self.node.interval_capacity_ns = wall_ns * online_cpus.len() as u64;
+    }
+}
+
+impl ProcessEntry {
+    /// A process first seen `now` in `cgroup_id` (workload `slot`), with
+    /// nothing charged yet.
+    fn new(comm: Comm, cgroup_id: u64, workload: usize, now: SystemTime) -> Self {
+        Self {
+            comm,
+            cgroup_id,
+            workload,
+            cpu_ns_by_socket: [0; agent_common::MAX_SOCKETS],
+            interval_ns: 0,
+            interval_seq: 0,
+            energy: Energy::default(),
+            first_seen: now,
+            last_seen: now,
+            exited_at: None,
+        }
     }
 }

@@ -8,7 +8,8 @@
 //! - [`energy`]: each domain's energy split between the active processes.
 //! - [`retention`]: exited workloads, and forgetting what is old.
 //! - [`slots`]: the workload slot allocator.
-//! - [`table`]: the process table, in shards that know whether they changed.
+//! - [`shards`]: stable slots in shards that know whether they changed.
+//! - [`table`]: the process table.
 
 use std::{
     sync::Arc,
@@ -318,6 +319,7 @@ fn add_socket_ns(sum: &mut SocketNs, add: &SocketNs) {
 mod cpu;
 mod energy;
 mod retention;
+pub mod shards;
 pub mod slots;
 pub mod table;
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! The process table: entries in stable slots (so an interval that found a
+//! The process table: entries in stable slots (`Slots`) (so an interval that found a
 //! process once refers to it by slot, not by a second lookup), found by key
 //! through one sorted index (an interval's processes come from the reader
 //! in key order, so they meet the index in one forward pass: see
@@ -7,38 +7,19 @@
 //! views of shards that did: with 1% of 10,000 processes running in an
 //! interval, a few thousand views instead of all.
 
-use super::ProcessEntry;
+use super::{ProcessEntry, shards::Slots};
 use crate::{
     cpu::ProcessKey,
     sorted_table::{Cursor, SortedTable},
 };
 
-/// Slots per shard: small enough that the few processes of a quiet
-/// interval rebuild few views, large enough that 10,000 processes make
-/// hundreds of shards (one shared pointer each per snapshot), not
-/// thousands.
-pub const SHARD_SLOTS: usize = 16;
-
 #[derive(Debug, Default)]
 pub struct ProcessTable {
-    /// Freed slots are `None` until reused.
-    slots: Vec<Option<(ProcessKey, ProcessEntry)>>,
+    slots: Slots<(ProcessKey, ProcessEntry)>,
     index: SortedTable<ProcessKey, usize>,
-    free: Vec<usize>,
-    /// A process of the shard changed in this interval: its views must be
-    /// rebuilt now, and again next interval (when its figures "in the last
-    /// interval" go back to zero).
-    changed_now: Vec<bool>,
-    changed_next: Vec<bool>,
 }
 
 impl ProcessTable {
-    fn mark(&mut self, slot: usize) {
-        let shard = slot / SHARD_SLOTS;
-        self.changed_now[shard] = true;
-        self.changed_next[shard] = true;
-    }
-
     pub fn len(&self) -> usize {
         self.index.len()
     }
@@ -62,14 +43,12 @@ impl ProcessTable {
 
     /// The process in `slot`.
     pub fn at(&self, slot: usize) -> Option<&ProcessEntry> {
-        self.slots.get(slot)?.as_ref().map(|(_, entry)| entry)
+        self.slots.get(slot).map(|(_, entry)| entry)
     }
 
     /// The process in `slot`, to change (its shard is marked changed).
     pub fn at_mut(&mut self, slot: usize) -> Option<&mut ProcessEntry> {
-        self.slots.get(slot)?.as_ref()?;
-        self.mark(slot);
-        self.slots[slot].as_mut().map(|(_, entry)| entry)
+        self.slots.get_mut(slot).map(|(_, entry)| entry)
     }
 
     /// The entry of `key` to change (its shard is marked changed).
@@ -88,23 +67,11 @@ impl ProcessTable {
         make: impl FnOnce() -> ProcessEntry,
     ) -> usize {
         if let Some(slot) = self.index.get(&key, cursor).copied() {
-            self.mark(slot);
+            self.slots.mark(slot);
             return slot;
         }
-        let slot = match self.free.pop() {
-            Some(slot) => slot,
-            None => {
-                self.slots.push(None);
-                if self.slots.len() > self.changed_now.len() * SHARD_SLOTS {
-                    self.changed_now.push(false);
-                    self.changed_next.push(false);
-                }
-                self.slots.len() - 1
-            }
-        };
-        self.slots[slot] = Some((key, make()));
+        let slot = self.slots.insert((key, make()));
         self.index.insert(key, slot, cursor);
-        self.mark(slot);
         slot
     }
 
@@ -116,23 +83,18 @@ impl ProcessTable {
     ) -> &mut ProcessEntry {
         let slot = self.slot_or_insert_with(key, &mut Cursor::default(), make);
         self.settle();
-        self.slots[slot]
-            .as_mut()
-            .map(|(_, entry)| entry)
-            .expect("just filled")
+        self.at_mut(slot).expect("just filled")
     }
 
     /// Forgets `key`'s process (call `settle` after a batch of these).
     pub fn remove(&mut self, key: &ProcessKey) -> Option<ProcessEntry> {
         let slot = self.slot_of(key)?;
         self.index.remove(key);
-        self.mark(slot);
-        self.free.push(slot);
-        self.slots[slot].take().map(|(_, entry)| entry)
+        self.slots.take(slot).map(|(_, entry)| entry)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&ProcessKey, &ProcessEntry)> {
-        self.slots.iter().flatten().map(|(key, entry)| (key, entry))
+        self.slots.iter().map(|(key, entry)| (key, entry))
     }
 
     pub fn keys(&self) -> impl Iterator<Item = &ProcessKey> {
@@ -143,12 +105,10 @@ impl ProcessTable {
         self.iter().map(|(_, entry)| entry)
     }
 
-    /// The shards (each up to `SHARD_SLOTS` slots), and whether each
-    /// changed since the views were last built.
+    /// The shards, and whether each changed since the views were last
+    /// built (see `Slots`).
     pub fn shards(&self) -> impl Iterator<Item = (&[Option<(ProcessKey, ProcessEntry)>], bool)> {
-        self.slots
-            .chunks(SHARD_SLOTS)
-            .zip(self.changed_now.iter().copied())
+        self.slots.shards()
     }
 
     /// After a pass of lookups, inserts or removals (see `SortedTable`).
@@ -156,11 +116,9 @@ impl ProcessTable {
         self.index.settle();
     }
 
-    /// The views were built: what changed now is shown; what changed now
-    /// changes again (its per-interval figures) in the next interval.
+    /// The views were built (see `Slots::views_built`).
     pub fn views_built(&mut self) {
-        std::mem::swap(&mut self.changed_now, &mut self.changed_next);
-        self.changed_next.fill(false);
+        self.slots.views_built();
     }
 }
 
@@ -175,6 +133,7 @@ impl std::ops::Index<&ProcessKey> for ProcessTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::accounting::shards::SHARD_SLOTS;
 
     fn entry() -> ProcessEntry {
         ProcessEntry {
