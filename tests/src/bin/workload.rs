@@ -88,6 +88,10 @@ fn main() {
     let mode = args.get(1).map(String::as_str).unwrap_or("");
     match mode {
         "burn" => burn_for(Duration::from_secs_f64(arg(&args, 2, "seconds"))),
+        // burn-cpu SECONDS: until this thread has run that long (a
+        // wall-clock burn gets less CPU when preempted).
+        "burn-cpu" => burn_cpu(Duration::from_secs_f64(arg(&args, 2, "seconds"))),
+        }
         "pinned" => {
             let cpu: usize = arg(&args, 2, "cpu");
             pin_to(cpu);
@@ -243,7 +247,7 @@ fn main() {
         }
         _ => {
             eprintln!(
-                "usage: workload [nice N] burn|pinned|half|threads|short|crowd|sleep|pingpong|swarm|thread-swarm|fifo-burn|wake-once ..."
+                "usage: workload [nice N] burn|burn-cpu|pinned|half|threads|short|crowd|sleep|pingpong|swarm|thread-swarm|fifo-burn|wake-once ..."
             );
             std::process::exit(2);
         }
