@@ -91,7 +91,6 @@ fn main() {
         // burn-cpu SECONDS: until this thread has run that long (a
         // wall-clock burn gets less CPU when preempted).
         "burn-cpu" => burn_cpu(Duration::from_secs_f64(arg(&args, 2, "seconds"))),
-        }
         "pinned" => {
             let cpu: usize = arg(&args, 2, "cpu");
             pin_to(cpu);
