@@ -75,17 +75,6 @@ impl ProcessTable {
         slot
     }
 
-    /// The entry of `key` to change, made by `make` if there is none.
-    pub fn get_or_insert_with(
-        &mut self,
-        key: ProcessKey,
-        make: impl FnOnce() -> ProcessEntry,
-    ) -> &mut ProcessEntry {
-        let slot = self.slot_or_insert_with(key, &mut Cursor::default(), make);
-        self.settle();
-        self.at_mut(slot).expect("just filled")
-    }
-
     /// Forgets `key`'s process (call `settle` after a batch of these).
     pub fn remove(&mut self, key: &ProcessKey) -> Option<ProcessEntry> {
         let slot = self.slot_of(key)?;
@@ -161,7 +150,8 @@ mod tests {
             pid: 7,
             start_ns: 0,
         };
-        table.get_or_insert_with(key, entry);
+        table.slot_or_insert_with(key, &mut Cursor::default(), entry);
+        table.settle();
         assert_eq!(table.len(), 1);
         assert_eq!(changed(&table), 1);
         table.views_built();
